@@ -1,0 +1,141 @@
+"""Evaluates a trained run on a two-domain test split.
+
+    python eval.py --model_dir runs/dann --test_dir DATA/test
+
+Prints per-domain label accuracy and the domain classifier's accuracy, and writes
+eval_report.json, confusion_source.png and confusion_target.png into --model_dir.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import json  # noqa: E402  (TensorFlow's log level must be set before it loads)
+import sys  # noqa: E402
+
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from sklearn import metrics  # noqa: E402
+
+import common_flags  # noqa: E402
+import data_utils  # noqa: E402
+import models  # noqa: E402
+import plots  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.adopt_module_key_flags(common_flags)
+
+REPORT_FILE = "eval_report.json"
+EVAL_BATCH_SIZE = 512
+
+
+def model_path(model_dir, weights_fname=None):
+    """The checkpoint to evaluate: `weights_fname` (a path or a name in model_dir)."""
+    if not weights_fname:
+        return os.path.join(model_dir, "model.keras")
+    if os.path.exists(weights_fname):
+        return weights_fname
+    return os.path.join(model_dir, weights_fname)
+
+
+def load_trained_model(path):
+    """Loads a DANN `.keras` file, or raises UserError saying what is wrong."""
+    if not os.path.isfile(path):
+        raise data_utils.UserError(
+            f"no model at {path}: train one with train.py --model_dir, or pass "
+            "--weights_fname naming an existing .keras file")
+    try:
+        model = models.keras.saving.load_model(path)
+    except Exception as error:  # Keras raises many types for a foreign file.
+        raise data_utils.UserError(
+            f"{path} is not a model saved by dann-keras ({type(error).__name__}): "
+            "pass a .keras file written by train.py") from None
+    if not isinstance(model, models.DANN):
+        raise data_utils.UserError(
+            f"{path} holds a {type(model).__name__}, not a DANN model: pass a .keras "
+            "file written by train.py")
+    return model
+
+
+def predict_domain(model, files, batch_size=EVAL_BATCH_SIZE):
+    """Class predictions and domain probabilities for the images of one domain."""
+    size = model.image_shape[:2]
+    data = data_utils.decoded_dataset(files, size, model.image_shape[2])
+    outputs = model.predict(data_utils.images_only(data, batch_size), verbose=0)
+    return (np.argmax(outputs["class_logits"], axis=-1),
+            outputs["domain_logits"][:, 0] > 0)
+
+
+def evaluate(model, split, batch_size=EVAL_BATCH_SIZE):
+    """Accuracy report of `model` on a scanned split (`data_utils.SplitFiles`).
+
+    Returns:
+        A dict with `source_accuracy`, `target_accuracy`, `domain_accuracy`,
+        `num_source`, `num_target`, `per_class` ({domain: {class: accuracy}}) and
+        `confusion` ({domain: matrix as nested lists}).
+    """
+    report = {"per_class": {}, "confusion": {}}
+    domain_correct = []
+    classes = list(range(len(split.class_names)))
+    for domain_index, domain in enumerate(data_utils.DOMAINS):
+        files = getattr(split, domain)
+        predicted, says_target = predict_domain(model, files, batch_size)
+        labels = np.asarray(files.labels)
+        report[f"{domain}_accuracy"] = float(np.mean(predicted == labels))
+        report[f"num_{domain}"] = len(files)
+        matrix = metrics.confusion_matrix(labels, predicted, labels=classes)
+        report["confusion"][domain] = matrix.tolist()
+        report["per_class"][domain] = {
+            name: float(matrix[k, k] / matrix[k].sum()) if matrix[k].sum() else None
+            for k, name in enumerate(split.class_names)}
+        domain_correct.append(says_target == bool(domain_index))
+    report["domain_accuracy"] = float(np.mean(np.concatenate(domain_correct)))
+    return report
+
+
+def write_report(report, model_dir, class_names, label):
+    """Writes the JSON report and per-domain confusion matrices into `model_dir`."""
+    data_utils.write_atomically(os.path.join(model_dir, REPORT_FILE),
+                                lambda handle: json.dump(report, handle, indent=1))
+    for domain in data_utils.DOMAINS:
+        plots.confusion_matrix(
+            report["confusion"][domain], class_names,
+            f"{label}: {domain} ({report[f'{domain}_accuracy']:.4f})",
+            os.path.join(model_dir, f"confusion_{domain}.png"))
+
+
+def summary_table(report):
+    """The short text table eval.py prints."""
+    rows = [f"{'domain':<8} {'images':>8} {'label accuracy':>15}"]
+    for domain in data_utils.DOMAINS:
+        rows.append(f"{domain:<8} {report[f'num_{domain}']:>8} "
+                    f"{report[f'{domain}_accuracy']:>15.4f}")
+    rows.append(f"domain classifier accuracy (both domains): "
+                f"{report['domain_accuracy']:.4f}")
+    return "\n".join(rows)
+
+
+def run(model_dir, test_dir, weights_fname=None):
+    """Evaluates the run in `model_dir` on `test_dir`, writes and returns the report."""
+    path = model_path(model_dir, weights_fname)
+    model = load_trained_model(path)
+    split = data_utils.scan_split(test_dir, model.class_names)
+    report = {"model": path, "test_dir": test_dir, "mode": model.mode,
+              **evaluate(model, split)}
+    write_report(report, model_dir, split.class_names, model.mode)
+    return report
+
+
+def main(argv):
+    del argv
+    try:
+        report = run(FLAGS.model_dir, FLAGS.test_dir, FLAGS.weights_fname)
+    except data_utils.UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    print(summary_table(report))
+    print(f"Report: {os.path.join(FLAGS.model_dir, REPORT_FILE)}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,320 @@
+"""The DANN network, its gradient-reversal layer, training step and schedules.
+
+Ganin & Lempitsky, "Unsupervised Domain Adaptation by Backpropagation" (ICML 2015)
+and "Domain-Adversarial Training of Neural Networks" (JMLR 2016).
+"""
+
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+MODES = ("dann", "source_only", "target_only")
+SOURCE_DOMAIN, TARGET_DOMAIN = 0, 1
+
+
+def progress(step, total_steps):
+    """Training progress p in [0, 1] after `step` of `total_steps` steps."""
+    return min(float(step) / float(total_steps), 1.0)
+
+
+def lambda_schedule(p, gamma=10.0):
+    """The paper's adaptation factor: 2 / (1 + exp(-gamma p)) - 1."""
+    return 2.0 / (1.0 + math.exp(-gamma * p)) - 1.0
+
+
+@keras.saving.register_keras_serializable(package="dann")
+class GradientReversal(keras.layers.Layer):
+    """Identity in the forward pass; multiplies the gradient by -lambda backward.
+
+    lambda lives in a non-trainable variable, so a callback can change it between
+    steps and a compiled training function picks the new value up without a retrace.
+    """
+
+    def __init__(self, initial_lambda=1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.initial_lambda = float(initial_lambda)
+        self.lambda_ = self.add_weight(
+            shape=(),
+            initializer=keras.initializers.Constant(self.initial_lambda),
+            trainable=False,
+            name="lambda",
+        )
+
+    def call(self, inputs):
+        scale = tf.convert_to_tensor(self.lambda_)
+
+        @tf.custom_gradient
+        def reverse(x):
+            def grad(upstream):
+                return -tf.cast(scale, upstream.dtype) * upstream
+
+            return tf.identity(x), grad
+
+        return reverse(inputs)
+
+    def get_config(self):
+        return {**super().get_config(), "initial_lambda": self.initial_lambda}
+
+
+@keras.saving.register_keras_serializable(package="dann")
+class DANNLearningRate(keras.optimizers.schedules.LearningRateSchedule):
+    """The paper's annealing: lr0 / (1 + alpha p)^beta, p = step / total_steps."""
+
+    def __init__(self, initial_lr, total_steps, alpha=10.0, beta=0.75):
+        self.initial_lr = float(initial_lr)
+        self.total_steps = int(total_steps)
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+
+    def __call__(self, step):
+        p = tf.minimum(tf.cast(step, tf.float32) / float(self.total_steps), 1.0)
+        return self.initial_lr / tf.pow(1.0 + self.alpha * p, self.beta)
+
+    def get_config(self):
+        return {
+            "initial_lr": self.initial_lr,
+            "total_steps": self.total_steps,
+            "alpha": self.alpha,
+            "beta": self.beta,
+        }
+
+
+class LambdaScheduler(keras.callbacks.Callback):
+    """Sets the gradient-reversal lambda before every step from the optimiser's step.
+
+    Reading the step from the optimiser (restored with a checkpoint) makes a resumed
+    run continue the schedule where it stopped.
+    """
+
+    def __init__(self, total_steps, gamma=10.0):
+        super().__init__()
+        self.total_steps = int(total_steps)
+        self.gamma = float(gamma)
+
+    def current_lambda(self):
+        if self.model.mode != "dann":
+            return 0.0
+        step = int(self.model.optimizer.iterations.numpy())
+        return lambda_schedule(progress(step, self.total_steps), self.gamma)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.model.grl.lambda_.assign(self.current_lambda())
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["lambda"] = float(self.model.grl.lambda_.numpy())
+            logs["lr"] = float(self.model.optimizer.learning_rate)
+
+
+def feature_extractor(input_shape, mean):
+    """Pixels in [0, 255] -> the paper's 768-d MNIST features.
+
+    The per-channel training mean is part of the network, so a saved model needs no
+    separate statistics file.
+    """
+    return keras.Sequential(
+        [
+            keras.Input(shape=input_shape),
+            keras.layers.Rescaling(1.0 / 255.0),
+            keras.layers.Normalization(mean=list(mean), variance=[1.0] * len(mean)),
+            keras.layers.Conv2D(32, 5, activation="relu"),
+            keras.layers.MaxPooling2D(2, 2),
+            keras.layers.Conv2D(48, 5, activation="relu"),
+            keras.layers.MaxPooling2D(2, 2),
+            keras.layers.Flatten(),
+        ],
+        name="features",
+    )
+
+
+def label_classifier(feature_dim, num_classes):
+    """The paper's label predictor: FC100-ReLU-FC100-ReLU-FC(num_classes) logits."""
+    return keras.Sequential(
+        [
+            keras.Input(shape=(feature_dim,)),
+            keras.layers.Dense(100, activation="relu"),
+            keras.layers.Dense(100, activation="relu"),
+            keras.layers.Dense(num_classes),
+        ],
+        name="label_classifier",
+    )
+
+
+def domain_classifier(feature_dim):
+    """The paper's domain classifier behind the GRL: FC100-ReLU-FC1 logit (target = 1)."""
+    return keras.Sequential(
+        [
+            keras.Input(shape=(feature_dim,)),
+            keras.layers.Dense(100, activation="relu"),
+            keras.layers.Dense(1),
+        ],
+        name="domain_classifier",
+    )
+
+
+@keras.saving.register_keras_serializable(package="dann")
+class DANN(keras.Model):
+    """Shared features, a label head and a domain head behind a gradient reversal.
+
+    Training batches are dicts with `source_images`, `target_images` and `labels`.
+    `labels` belong to the source images in `dann` and `source_only` mode and to the
+    target images in `target_only` mode; the other domain's labels never enter a
+    batch. The domain loss (source = 0, target = 1) always trains the domain head; only
+    in `dann` mode does lambda > 0 let it push back into the features, so in the
+    other modes the domain head is a probe of how separable the features are.
+
+    Calling the model returns `{"class_logits", "domain_logits"}`.
+    """
+
+    def __init__(self, input_shape, num_classes, mean, mode="dann", class_names=None,
+                 **kwargs):
+        super().__init__(**kwargs)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.image_shape = tuple(int(d) for d in input_shape)
+        self.num_classes = int(num_classes)
+        self.mean = [float(m) for m in mean]
+        self.mode = mode
+        self.class_names = list(class_names) if class_names else [
+            str(k) for k in range(self.num_classes)]
+        self.features = feature_extractor(self.image_shape, self.mean)
+        feature_dim = self.features.output_shape[-1]
+        self.label_head = label_classifier(feature_dim, self.num_classes)
+        self.grl = GradientReversal(0.0, name="gradient_reversal")
+        self.domain_head = domain_classifier(feature_dim)
+        self.labelled_domain = TARGET_DOMAIN if mode == "target_only" else SOURCE_DOMAIN
+        self.trackers = {
+            name: keras.metrics.Mean(name=name)
+            for name in ("loss", "label_loss", "domain_loss")
+        }
+        self.accuracies = {
+            name: keras.metrics.Mean(name=name)
+            for name in ("label_accuracy", "domain_accuracy",
+                         "source_accuracy", "target_accuracy")
+        }
+
+    def call(self, images, training=False):
+        features = self.features(images, training=training)
+        return {
+            "class_logits": self.label_head(features, training=training),
+            "domain_logits": self.domain_head(self.grl(features), training=training),
+        }
+
+    @property
+    def metrics(self):
+        return list(self.trackers.values()) + list(self.accuracies.values())
+
+    def _forward(self, batch, training):
+        source, target = batch["source_images"], batch["target_images"]
+        images = tf.concat([source, target], axis=0)
+        features = self.features(images, training=training)
+        num_source = tf.shape(source)[0]
+        labelled = features[:num_source] if self.labelled_domain == SOURCE_DOMAIN \
+            else features[num_source:]
+        class_logits = self.label_head(labelled, training=training)
+        domain_logits = self.domain_head(self.grl(features), training=training)[:, 0]
+        domain_labels = tf.concat(
+            [tf.zeros_like(source[:, 0, 0, 0], tf.float32),
+             tf.ones_like(target[:, 0, 0, 0], tf.float32)], axis=0)
+        label_loss = tf.reduce_mean(
+            keras.losses.sparse_categorical_crossentropy(
+                batch["labels"], class_logits, from_logits=True))
+        domain_loss = tf.reduce_mean(
+            keras.losses.binary_crossentropy(
+                domain_labels[:, None], domain_logits[:, None], from_logits=True))
+        return label_loss, domain_loss, class_logits, domain_logits, domain_labels
+
+    def _update_metrics(self, batch, label_loss, domain_loss, class_logits,
+                        domain_logits, domain_labels):
+        self.trackers["loss"].update_state(label_loss + domain_loss)
+        self.trackers["label_loss"].update_state(label_loss)
+        self.trackers["domain_loss"].update_state(domain_loss)
+        self.accuracies["label_accuracy"].update_state(
+            _accuracy(batch["labels"], class_logits))
+        self.accuracies["domain_accuracy"].update_state(
+            tf.cast(tf.equal(tf.cast(domain_logits > 0, tf.float32), domain_labels),
+                    tf.float32))
+
+    def train_step(self, batch):
+        with tf.GradientTape() as tape:
+            label_loss, domain_loss, *outputs = self._forward(batch, training=True)
+            loss = label_loss + domain_loss
+        weights = self.trainable_weights
+        gradients = tape.gradient(loss, weights)
+        self.optimizer.apply(gradients, weights)
+        self._update_metrics(batch, label_loss, domain_loss, *outputs)
+        names = ("loss", "label_loss", "domain_loss")
+        results = {name: self.trackers[name].result() for name in names}
+        for name in ("label_accuracy", "domain_accuracy"):
+            results[name] = self.accuracies[name].result()
+        return results
+
+    def test_step(self, batch):
+        """Batches of `images`, `labels`, `domains` (0/1) mixing both domains."""
+        outputs = self(batch["images"], training=False)
+        correct = _accuracy(batch["labels"], outputs["class_logits"])
+        is_target = tf.cast(batch["domains"], tf.float32)
+        self.accuracies["source_accuracy"].update_state(correct, 1.0 - is_target)
+        self.accuracies["target_accuracy"].update_state(correct, is_target)
+        predicted = tf.cast(outputs["domain_logits"][:, 0] > 0, tf.float32)
+        self.accuracies["domain_accuracy"].update_state(
+            tf.cast(tf.equal(predicted, is_target), tf.float32))
+        return {name: self.accuracies[name].result()
+                for name in ("source_accuracy", "target_accuracy", "domain_accuracy")}
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "input_shape": list(self.image_shape),
+            "num_classes": self.num_classes,
+            "mean": self.mean,
+            "mode": self.mode,
+            "class_names": self.class_names,
+        }
+
+
+def _accuracy(labels, logits):
+    predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)
+    return tf.cast(tf.equal(predicted, tf.cast(labels, tf.int32)), tf.float32)
+
+
+def build_dann(input_shape, num_classes, mean, mode, total_steps, lr=0.01,
+               momentum=0.9, lr_alpha=10.0, lr_beta=0.75, class_names=None):
+    """A compiled DANN with the paper's SGD and learning-rate annealing.
+
+    Args:
+        input_shape: (height, width, channels) of the images.
+        num_classes: number of label classes.
+        mean: per-channel mean of the training pixels, scaled to [0, 1].
+        mode: one of MODES.
+        total_steps: optimiser steps of the whole run, the schedules' horizon.
+        lr, momentum, lr_alpha, lr_beta: SGD and annealing settings.
+        class_names: names of the classes, stored with the model.
+
+    Returns:
+        A compiled `DANN`.
+    """
+    model = DANN(input_shape, num_classes, mean, mode, class_names=class_names)
+    schedule = DANNLearningRate(lr, total_steps, lr_alpha, lr_beta)
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=schedule,
+                                                 momentum=momentum))
+    return model
+
+
+def channel_mean(batches):
+    """Per-channel mean of uint8/float pixel batches, scaled to [0, 1].
+
+    Sums in float64 per batch: a float32 running sum over tens of millions of pixels
+    stops growing and gives a wrong mean.
+    """
+    total, count = None, 0
+    for images in batches:
+        images = np.asarray(images, dtype=np.float64)
+        sums = images.reshape(-1, images.shape[-1]).sum(axis=0)
+        total = sums if total is None else total + sums
+        count += images.size // images.shape[-1]
+    if not count:
+        raise ValueError("no images to compute the channel mean from")
+    return (total / count / 255.0).tolist()

@@ -1,0 +1,285 @@
+"""Trains DANN (or a source-only / target-only baseline) on two-domain image folders.
+
+    python train.py --train_dir DATA/train --val_dir DATA/test --model_dir runs/dann
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import csv  # noqa: E402  (TensorFlow's log level must be set before it loads)
+import dataclasses  # noqa: E402
+import glob  # noqa: E402
+import itertools  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+
+from absl import app, flags, logging  # noqa: E402
+
+import common_flags  # noqa: E402
+import data_utils  # noqa: E402
+import models  # noqa: E402
+import plots  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.adopt_module_key_flags(common_flags)
+
+FINAL_MODEL = "model.keras"
+FLAGS_FILE = "flags.txt"
+HISTORY_CSV = "history.csv"
+HISTORY_JSON = "history.json"
+CURVES_PNG = "train_curves.png"
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_PATTERN = re.compile(r"^ckpt-(\d+)\.keras$")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything a training run depends on; the flags map onto it one to one."""
+
+    train_dir: str
+    model_dir: str
+    val_dir: str = None
+    mode: str = "dann"
+    num_epochs: int = 30
+    batch_size: int = 64
+    lr: float = 0.01
+    momentum: float = 0.9
+    lr_alpha: float = 10.0
+    lr_beta: float = 0.75
+    gamma: float = 10.0
+    img_width: int = 28
+    img_height: int = 28
+    img_mode: str = "rgb"
+    seed: int = 0
+    log_rate: int = 5
+    restore_model: bool = False
+    overwrite: bool = False
+    verbose: int = 1
+
+    @property
+    def image_size(self):
+        return (self.img_height, self.img_width)
+
+    @property
+    def channels(self):
+        return 3 if self.img_mode == "rgb" else 1
+
+
+def checkpoint_path(model_dir, step):
+    return os.path.join(model_dir, CHECKPOINT_DIR, f"ckpt-{step:08d}.keras")
+
+
+def latest_checkpoint(model_dir):
+    """The checkpoint of `model_dir` with the highest step, or None."""
+    found = []
+    for path in glob.glob(os.path.join(model_dir, CHECKPOINT_DIR, "ckpt-*.keras")):
+        match = CHECKPOINT_PATTERN.match(os.path.basename(path))
+        if match:
+            found.append((int(match.group(1)), path))
+    return max(found)[1] if found else None
+
+
+def save_model_atomically(model, path):
+    """Saves a `.keras` file through a temporary name, so a crash never leaves half."""
+    temporary = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}")
+    model.save(temporary)
+    os.replace(temporary, path)
+
+
+class PeriodicCheckpoint(models.keras.callbacks.Callback):
+    """Saves the model with its optimiser state every `every` epochs and at the end."""
+
+    def __init__(self, model_dir, every, num_epochs):
+        super().__init__()
+        self.model_dir, self.every, self.num_epochs = model_dir, every, num_epochs
+
+    def on_epoch_end(self, epoch, logs=None):
+        if (epoch + 1) % self.every == 0 or epoch + 1 == self.num_epochs:
+            step = int(self.model.optimizer.iterations.numpy())
+            save_model_atomically(self.model, checkpoint_path(self.model_dir, step))
+
+
+class HistoryWriter(models.keras.callbacks.Callback):
+    """Rewrites history.csv/json (and the curves at the end) after every epoch."""
+
+    def __init__(self, model_dir, rows):
+        super().__init__()
+        self.model_dir, self.rows = model_dir, rows
+
+    def on_epoch_end(self, epoch, logs=None):
+        row = {"epoch": epoch + 1}
+        row.update({key: float(value) for key, value in (logs or {}).items()})
+        self.rows.append(row)
+        write_history(self.model_dir, self.rows)
+
+    def on_train_end(self, logs=None):
+        if self.rows:
+            plots.training_curves(self.rows, os.path.join(self.model_dir, CURVES_PNG))
+
+
+def write_history(model_dir, rows):
+    keys = ["epoch"] + sorted({key for row in rows for key in row} - {"epoch"})
+
+    def write_csv(handle):
+        writer = csv.DictWriter(handle, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+    data_utils.write_atomically(os.path.join(model_dir, HISTORY_CSV), write_csv)
+    data_utils.write_atomically(os.path.join(model_dir, HISTORY_JSON),
+                                lambda handle: json.dump(rows, handle, indent=1))
+
+
+def read_history(model_dir, up_to_epoch):
+    """History rows of a run being resumed, up to the epoch it resumes after."""
+    path = os.path.join(model_dir, HISTORY_JSON)
+    if not os.path.exists(path):
+        return []
+    with open(path) as handle:
+        return [row for row in json.load(handle) if row["epoch"] <= up_to_epoch]
+
+
+def prepare_model_dir(config):
+    """Makes the run folder, refusing to overwrite an existing run by accident."""
+    model_dir = config.model_dir
+    if os.path.exists(model_dir) and not os.path.isdir(model_dir):
+        raise data_utils.UserError(f"--model_dir {model_dir} is a file: pass a folder")
+    holds_run = os.path.isdir(model_dir) and any(
+        os.path.exists(os.path.join(model_dir, name))
+        for name in (FINAL_MODEL, FLAGS_FILE, CHECKPOINT_DIR, HISTORY_CSV))
+    if holds_run and not config.restore_model:
+        if not config.overwrite:
+            raise data_utils.UserError(
+                f"{model_dir} already holds a run: pass --restore_model to resume it, "
+                "--overwrite to replace it, or another --model_dir")
+        for name in (FINAL_MODEL, FLAGS_FILE, CHECKPOINT_DIR, HISTORY_CSV,
+                     HISTORY_JSON, CURVES_PNG, "logs"):
+            path = os.path.join(model_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+    try:
+        os.makedirs(os.path.join(model_dir, CHECKPOINT_DIR), exist_ok=True)
+    except OSError as error:
+        raise data_utils.UserError(
+            f"cannot create --model_dir {model_dir} ({error.strerror}): pass a "
+            "writable folder") from None
+    if not os.access(model_dir, os.W_OK):
+        raise data_utils.UserError(f"--model_dir {model_dir} is not writable: pass a "
+                                   "writable folder")
+
+
+def load_split(split_dir, config, class_names=None):
+    """Scans a split and returns (SplitFiles, cached source data, cached target data)."""
+    split = data_utils.scan_split(split_dir, class_names)
+    if split.ignored_files:
+        logging.info("%s: ignored %d files that are not images", split_dir,
+                     split.ignored_files)
+    source = data_utils.decoded_dataset(split.source, config.image_size, config.channels)
+    target = data_utils.decoded_dataset(split.target, config.image_size, config.channels)
+    return split, source, target
+
+
+def restore(config, total_steps):
+    """Loads the latest checkpoint of the run being resumed."""
+    path = latest_checkpoint(config.model_dir)
+    if path is None:
+        raise data_utils.UserError(
+            f"--restore_model: {config.model_dir} has no checkpoint in {CHECKPOINT_DIR}/: "
+            "train without --restore_model first")
+    model = models.keras.saving.load_model(path)
+    saved_steps = model.optimizer._learning_rate.total_steps
+    if saved_steps != total_steps or model.mode != config.mode:
+        raise data_utils.UserError(
+            f"{path} belongs to a {model.mode} run of {saved_steps} steps, but these "
+            f"flags ask for a {config.mode} run of {total_steps} steps: resume with the "
+            f"flags in {os.path.join(config.model_dir, FLAGS_FILE)}")
+    logging.info("Resuming from %s at step %d", path, int(model.optimizer.iterations))
+    return model
+
+
+def run(config, flags_file_text=None):
+    """Trains one model as `config` says and writes its run folder.
+
+    Args:
+        config: a `TrainConfig`.
+        flags_file_text: the run's flags, saved as flags.txt when a run starts.
+
+    Returns:
+        The per-epoch history rows (dicts) of the whole run, resumed epochs included.
+    """
+    prepare_model_dir(config)
+    if flags_file_text and not config.restore_model:
+        data_utils.write_atomically(os.path.join(config.model_dir, FLAGS_FILE),
+                                    lambda handle: handle.write(flags_file_text))
+    models.keras.utils.set_random_seed(config.seed)
+    train, source, target = load_split(config.train_dir, config)
+    steps = data_utils.steps_per_epoch(len(train.source), len(train.target),
+                                       config.batch_size)
+    total_steps = steps * config.num_epochs
+    if config.restore_model:
+        model = restore(config, total_steps)
+    else:
+        mean = models.channel_mean(itertools.chain.from_iterable(
+            data_utils.images_only(d, 1024).as_numpy_iterator() for d in (source, target)))
+        model = models.build_dann(
+            (*config.image_size, config.channels), len(train.class_names), mean,
+            config.mode, total_steps, config.lr, config.momentum, config.lr_alpha,
+            config.lr_beta, train.class_names)
+    done_steps = int(model.optimizer.iterations.numpy())
+    labelled = "target" if config.mode == "target_only" else "source"
+    dataset = data_utils.training_dataset(
+        (source, len(train.source)), (target, len(train.target)), labelled,
+        config.batch_size, config.seed, done_steps)
+    validation = None
+    if config.val_dir:
+        _, val_source, val_target = load_split(config.val_dir, config, train.class_names)
+        validation = data_utils.evaluation_dataset(val_source, val_target,
+                                                   config.batch_size * 4)
+    history = read_history(config.model_dir, done_steps // steps)
+    callbacks = [
+        models.LambdaScheduler(total_steps, config.gamma),
+        PeriodicCheckpoint(config.model_dir, config.log_rate, config.num_epochs),
+        HistoryWriter(config.model_dir, history),
+        models.keras.callbacks.TensorBoard(os.path.join(config.model_dir, "logs")),
+    ]
+    model.fit(dataset, epochs=config.num_epochs, steps_per_epoch=steps,
+              initial_epoch=done_steps // steps, validation_data=validation,
+              callbacks=callbacks, verbose=config.verbose, shuffle=False)
+    save_model_atomically(model, os.path.join(config.model_dir, FINAL_MODEL))
+    return history
+
+
+def config_from_flags():
+    names = {field.name for field in dataclasses.fields(TrainConfig)} - {"verbose"}
+    return TrainConfig(**{name: FLAGS[name].value for name in names})
+
+
+def flags_text():
+    """The flags of this run as `--flagfile` lines (resume and overwrite left out)."""
+    lines = (FLAGS[flag.name].serialize()
+             for flag in FLAGS.get_flags_for_module(common_flags)
+             if flag.name not in ("restore_model", "overwrite"))
+    return "".join(f"{line}\n" for line in sorted(lines) if line)
+
+
+def main(argv):
+    del argv
+    config = config_from_flags()
+    try:
+        history = run(config, flags_text())
+    except data_utils.UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    summary = ", ".join(f"{key} {value:.4f}" for key, value in sorted(history[-1].items())
+                        if key != "epoch")
+    print(f"Trained {config.mode} for {config.num_epochs} epochs into "
+          f"{config.model_dir}: {summary}")
+
+
+if __name__ == "__main__":
+    app.run(main)
