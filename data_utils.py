@@ -47,9 +47,13 @@ def write_atomically(path, write, mode="w"):
     """
     temporary = os.path.join(os.path.dirname(path) or ".",
                              f".tmp-{os.path.basename(path)}")
-    with open(temporary, mode) as handle:
-        write(handle)
-    os.replace(temporary, path)
+    try:
+        with open(temporary, mode) as handle:
+            write(handle)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
 
 
 def _subfolders(path):

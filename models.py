@@ -194,6 +194,9 @@ class DANN(keras.Model):
             for name in ("label_accuracy", "domain_accuracy",
                          "source_accuracy", "target_accuracy")
         }
+        # Every sub-network was built with its input shape above; marking the model
+        # built lets Keras save and restore the optimiser state with it.
+        self.built = True
 
     def call(self, images, training=False):
         features = self.features(images, training=training)

@@ -1,0 +1,134 @@
+"""Folder scanning, validation and the tf.data pipeline."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import data_utils
+from conftest import write_split
+
+
+def test_scan_split_lists_sorted_classes_and_matching_labels(tiny_data):
+    split = data_utils.scan_split(os.path.join(tiny_data, "train"))
+    assert split.class_names == ["class_0", "class_1", "class_2"]
+    assert len(split.source) == len(split.target) == 48
+    for files in (split.source, split.target):
+        for path, label in zip(files.paths, files.labels):
+            assert os.path.basename(os.path.dirname(path)) == f"class_{label}"
+
+
+def test_scan_split_counts_and_ignores_files_that_are_not_images(tmp_path):
+    root = write_split(tmp_path / "split", per_class=2)
+    (tmp_path / "split" / "source" / "class_0" / "notes.txt").write_text("x")
+    split = data_utils.scan_split(root)
+    assert split.ignored_files == 1
+    assert len(split.source) == 6
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda root: shutil.rmtree(os.path.join(root, "target")), "target is missing"),
+    (lambda root: shutil.rmtree(os.path.join(root, "target", "class_2")),
+     "class folders differ"),
+    (lambda root: [os.remove(os.path.join(root, "source", "class_1", f))
+                   for f in os.listdir(os.path.join(root, "source", "class_1"))],
+     "holds no images"),
+])
+def test_scan_split_rejects_broken_layouts(tmp_path, breakage, message):
+    root = write_split(tmp_path / "split", per_class=2)
+    breakage(root)
+    with pytest.raises(data_utils.UserError, match=message):
+        data_utils.scan_split(root)
+
+
+def test_scan_split_rejects_a_missing_folder(tmp_path):
+    with pytest.raises(data_utils.UserError, match="is not a folder"):
+        data_utils.scan_split(str(tmp_path / "nope"))
+
+
+def test_scan_split_requires_the_training_classes(tmp_path):
+    root = write_split(tmp_path / "split", per_class=2, num_classes=2)
+    with pytest.raises(data_utils.UserError, match="missing class_2"):
+        data_utils.scan_split(root, ["class_0", "class_1", "class_2"])
+
+
+def test_decoded_dataset_gives_uint8_images_of_the_requested_shape(tiny_data):
+    split = data_utils.scan_split(os.path.join(tiny_data, "train"))
+    for channels in (1, 3):
+        data = data_utils.decoded_dataset(split.source, (20, 24), channels)
+        image, label = next(iter(data))
+        assert image.dtype == tf.uint8 and image.shape == (20, 24, channels)
+        assert int(label) == 0
+
+
+def test_grayscale_source_is_repeated_to_three_channels(tiny_data):
+    split = data_utils.scan_split(os.path.join(tiny_data, "train"))
+    image, _ = next(iter(data_utils.decoded_dataset(split.source, (28, 28), 3)))
+    image = image.numpy()
+    np.testing.assert_array_equal(image[..., 0], image[..., 1])
+    np.testing.assert_array_equal(image[..., 0], image[..., 2])
+
+
+def _domains(split):
+    return [(data_utils.decoded_dataset(files, (28, 28), 3), len(files))
+            for files in (split.source, split.target)]
+
+
+def _take(dataset, steps):
+    return [{k: v.numpy() for k, v in batch.items()} for batch in dataset.take(steps)]
+
+
+def test_training_batches_pair_both_domains_with_labels_of_one_domain(tiny_data):
+    split = data_utils.scan_split(os.path.join(tiny_data, "train"))
+    source, target = _domains(split)
+    for labelled in ("source", "target"):
+        batch = _take(data_utils.training_dataset(source, target, labelled, 8, 0), 1)[0]
+        assert batch["source_images"].shape == batch["target_images"].shape == (
+            8, 28, 28, 3)
+        images = batch[f"{labelled}_images"]
+        # The generated bar's row tells the class: the labels belong to these images.
+        rows = images[:, :, 14, :].mean(axis=-1)
+        if labelled == "source":
+            np.testing.assert_array_equal((rows.argmax(axis=1) - 3) // 7,
+                                          batch["labels"])
+
+
+def test_training_stream_resumed_after_k_steps_continues_the_same_batches(tiny_data):
+    split = data_utils.scan_split(os.path.join(tiny_data, "train"))
+    source, target = _domains(split)
+    full = _take(data_utils.training_dataset(source, target, "source", 10, 3), 12)
+    resumed = _take(data_utils.training_dataset(source, target, "source", 10, 3, 7), 5)
+    for a, b in zip(full[7:], resumed):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    other_seed = _take(data_utils.training_dataset(source, target, "source", 10, 4), 1)
+    assert not np.array_equal(other_seed[0]["labels"], full[0]["labels"])
+
+
+def test_every_image_appears_once_per_pass(tiny_data):
+    split = data_utils.scan_split(os.path.join(tiny_data, "train"))
+    source, target = _domains(split)
+    batches = _take(data_utils.training_dataset(source, target, "source", 8, 0), 6)
+    labels = np.concatenate([b["labels"] for b in batches])
+    assert np.bincount(labels).tolist() == [16, 16, 16]
+
+
+def test_steps_per_epoch_covers_the_larger_domain():
+    assert data_utils.steps_per_epoch(1000, 300, 64) == 15
+    assert data_utils.steps_per_epoch(10, 20, 64) == 1
+
+
+def test_write_atomically_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = str(tmp_path / "report.json")
+    data_utils.write_atomically(path, lambda handle: handle.write("old"))
+
+    def failing(handle):
+        handle.write("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        data_utils.write_atomically(path, failing)
+    assert open(path).read() == "old"
+    assert os.listdir(tmp_path) == ["report.json"]

@@ -1,0 +1,161 @@
+"""The math of DANN: gradient reversal, schedules, the channel mean, saving."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import models
+
+
+@pytest.mark.parametrize("lam", [0.3, 2.0])
+def test_gradient_reversal_is_identity_forward_and_negated_backward(lam):
+    layer = models.GradientReversal(lam)
+    x = tf.constant(np.random.default_rng(0).normal(size=(4, 5)), tf.float32)
+    upstream = tf.constant(np.random.default_rng(1).normal(size=(4, 5)), tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x)
+    np.testing.assert_array_equal(y.numpy(), x.numpy())
+    grad = tape.gradient(y, x, output_gradients=upstream)
+    np.testing.assert_allclose(grad.numpy(), -lam * upstream.numpy(), rtol=1e-6)
+
+
+def test_lambda_change_takes_effect_in_a_compiled_function_without_retracing():
+    layer = models.GradientReversal(1.0)
+    traces = []
+
+    @tf.function
+    def gradient(x):
+        traces.append(1)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = tf.reduce_sum(layer(x))
+        return tape.gradient(y, x)
+
+    x = tf.ones((2, 3))
+    np.testing.assert_allclose(gradient(x).numpy(), -1.0)
+    layer.lambda_.assign(0.25)
+    np.testing.assert_allclose(gradient(x).numpy(), -0.25)
+    layer.lambda_.assign(0.0)
+    np.testing.assert_allclose(gradient(x).numpy(), 0.0)
+    assert len(traces) == 1
+
+
+def test_gradient_reversal_config_round_trip():
+    layer = models.GradientReversal(0.7, name="grl")
+    clone = models.GradientReversal.from_config(layer.get_config())
+    assert clone.initial_lambda == pytest.approx(0.7)
+    assert float(clone.lambda_.numpy()) == pytest.approx(0.7)
+
+
+@pytest.mark.parametrize("p, expected", [
+    (0.0, 0.0),
+    (0.5, 2.0 / (1.0 + math.exp(-5.0)) - 1.0),
+    (1.0, 2.0 / (1.0 + math.exp(-10.0)) - 1.0),
+])
+def test_lambda_schedule(p, expected):
+    assert models.lambda_schedule(p, gamma=10.0) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("step, expected", [
+    (0, 0.01), (500, 0.01 / 6.0 ** 0.75), (1000, 0.01 / 11.0 ** 0.75),
+    (5000, 0.01 / 11.0 ** 0.75),
+])
+def test_learning_rate_schedule_over_the_whole_run(step, expected):
+    schedule = models.DANNLearningRate(0.01, total_steps=1000, alpha=10.0, beta=0.75)
+    assert float(schedule(step)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_progress_is_clipped_to_one():
+    assert models.progress(0, 10) == 0.0
+    assert models.progress(5, 10) == 0.5
+    assert models.progress(20, 10) == 1.0
+
+
+def test_channel_mean_is_exact_over_many_batches():
+    rng = np.random.default_rng(0)
+    batches = [np.stack([np.full((64, 28, 28), v, np.uint8) for v in (10, 128, 250)],
+                        axis=-1) for _ in range(3)]
+    batches.append(rng.integers(0, 256, (10, 28, 28, 3), dtype=np.uint8))
+    expected = np.concatenate(batches).reshape(-1, 3).astype(np.float64).mean(0) / 255
+    np.testing.assert_allclose(models.channel_mean(batches), expected, rtol=1e-12)
+
+
+def test_channel_mean_does_not_saturate_where_float32_would():
+    # 2**25 pixels of value 255: a float32 running sum stops growing at 2**24 * 255.
+    batch = np.full((2 ** 25 // 1024, 32, 32, 1), 255, np.uint8)
+    assert models.channel_mean([batch, batch]) == [1.0]
+    assert np.float32(2 ** 24) + np.float32(1) == np.float32(2 ** 24)  # why float64
+
+
+def _batch(rng, n=4):
+    return {
+        "source_images": tf.constant(rng.integers(0, 256, (n, 28, 28, 3)), tf.uint8),
+        "target_images": tf.constant(rng.integers(0, 256, (n, 28, 28, 3)), tf.uint8),
+        "labels": tf.constant(rng.integers(0, 10, n), tf.int32),
+    }
+
+
+def test_keras_file_round_trip_gives_identical_predictions(tmp_path):
+    rng = np.random.default_rng(0)
+    model = models.build_dann((28, 28, 3), 10, [0.2, 0.3, 0.4], "dann", 100,
+                              class_names=[f"c{k}" for k in range(10)])
+    model.fit(tf.data.Dataset.from_tensors(_batch(rng)).repeat(), steps_per_epoch=3,
+              epochs=1, verbose=0, callbacks=[models.LambdaScheduler(100)])
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    images = rng.integers(0, 256, (16, 28, 28, 3)).astype(np.uint8)
+    before, after = model.predict(images, verbose=0), loaded.predict(images, verbose=0)
+    for key in ("class_logits", "domain_logits"):
+        np.testing.assert_array_equal(before[key], after[key])
+    assert isinstance(loaded, models.DANN)
+    assert loaded.mean == pytest.approx([0.2, 0.3, 0.4])
+    assert loaded.class_names == [f"c{k}" for k in range(10)]
+    assert int(loaded.optimizer.iterations.numpy()) == 3
+    assert loaded.optimizer._learning_rate.total_steps == 100
+    for saved, restored in zip(model.optimizer.variables, loaded.optimizer.variables):
+        np.testing.assert_array_equal(saved.numpy(), restored.numpy())
+
+
+def test_normalisation_inside_the_model_subtracts_the_channel_mean():
+    model = models.DANN((28, 28, 3), 10, [0.1, 0.5, 0.9])
+    images = np.full((1, 28, 28, 3), 255, np.float32)
+    rescale, normalise = model.features.layers[:2]
+    np.testing.assert_allclose(normalise(rescale(images))[0, 0, 0].numpy(),
+                               [0.9, 0.5, 0.1], rtol=1e-6)
+
+
+def test_lambda_scheduler_follows_the_optimizer_step():
+    model = models.build_dann((28, 28, 3), 10, [0.5] * 3, "dann", 10)
+    scheduler = models.LambdaScheduler(total_steps=10, gamma=10.0)
+    scheduler.set_model(model)
+    model.optimizer.iterations.assign(5)
+    scheduler.on_train_batch_begin(0)
+    assert float(model.grl.lambda_.numpy()) == pytest.approx(
+        models.lambda_schedule(0.5), rel=1e-6)
+
+
+def test_no_adversarial_gradient_outside_dann_mode():
+    model = models.build_dann((28, 28, 3), 10, [0.5] * 3, "source_only", 10)
+    scheduler = models.LambdaScheduler(total_steps=10, gamma=10.0)
+    scheduler.set_model(model)
+    model.optimizer.iterations.assign(5)
+    scheduler.on_train_batch_begin(0)
+    assert float(model.grl.lambda_.numpy()) == 0.0
+
+
+def test_domain_loss_reaches_the_features_only_in_dann_mode():
+    rng = np.random.default_rng(3)
+    batch = _batch(rng)
+    for mode, lam, expect_change in (("dann", 1.0, True), ("source_only", 0.0, False)):
+        model = models.build_dann((28, 28, 3), 10, [0.5] * 3, mode, 10)
+        model.grl.lambda_.assign(lam)
+        with tf.GradientTape() as tape:
+            _, domain_loss, *_ = model._forward(batch, training=True)
+        grads = tape.gradient(domain_loss, model.features.trainable_weights)
+        norm = sum(float(tf.reduce_sum(tf.abs(g))) for g in grads)
+        assert (norm > 0) == expect_change, mode

@@ -1,0 +1,103 @@
+"""Training runs in-process: honesty of the protocol and resumption."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+
+import data_utils
+import train
+
+
+def _config(tiny_data, model_dir, **overrides):
+    settings = dict(train_dir=os.path.join(tiny_data, "train"), model_dir=str(model_dir),
+                    num_epochs=2, batch_size=8, log_rate=1, seed=7, verbose=0)
+    settings.update(overrides)
+    return train.TrainConfig(**settings)
+
+
+def _weights(model_dir, name="model.keras"):
+    model = keras.saving.load_model(os.path.join(model_dir, name))
+    return [w.numpy() for w in model.weights]
+
+
+def _permute_labels(monkeypatch, domain):
+    original = data_utils.scan_split
+
+    def scan_with_permuted_labels(split_dir, class_names=None):
+        split = original(split_dir, class_names)
+        files = getattr(split, domain)
+        files.labels = list(np.random.default_rng(99).permutation(files.labels))
+        return split
+
+    monkeypatch.setattr(data_utils, "scan_split", scan_with_permuted_labels)
+
+
+@pytest.mark.parametrize("mode", ["dann", "source_only"])
+def test_target_labels_never_reach_the_training_loss(tiny_data, tmp_path, monkeypatch,
+                                                     mode):
+    train.run(_config(tiny_data, tmp_path / "true", mode=mode, num_epochs=1))
+    _permute_labels(monkeypatch, "target")
+    train.run(_config(tiny_data, tmp_path / "permuted", mode=mode, num_epochs=1))
+    for a, b in zip(_weights(tmp_path / "true"), _weights(tmp_path / "permuted")):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_permuted_source_labels_do_change_the_weights(tiny_data, tmp_path, monkeypatch):
+    # The control for the test above: the comparison can detect label use.
+    train.run(_config(tiny_data, tmp_path / "true", num_epochs=1))
+    _permute_labels(monkeypatch, "source")
+    train.run(_config(tiny_data, tmp_path / "permuted", num_epochs=1))
+    pairs = zip(_weights(tmp_path / "true"), _weights(tmp_path / "permuted"))
+    assert any(not np.array_equal(a, b) for a, b in pairs)
+
+
+def test_same_seed_gives_identical_weights(tiny_data, tmp_path):
+    train.run(_config(tiny_data, tmp_path / "a", num_epochs=1))
+    train.run(_config(tiny_data, tmp_path / "b", num_epochs=1))
+    for a, b in zip(_weights(tmp_path / "a"), _weights(tmp_path / "b")):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_resuming_after_epoch_one_gives_the_uninterrupted_weights(tiny_data, tmp_path):
+    train.run(_config(tiny_data, tmp_path / "full"))
+    steps = data_utils.steps_per_epoch(48, 48, 8)
+    interrupted = tmp_path / "resumed"
+    train.run(_config(tiny_data, interrupted))
+    # Leave the run as if it had stopped after epoch 1 of 2.
+    os.remove(train.checkpoint_path(str(interrupted), 2 * steps))
+    os.remove(interrupted / "model.keras")
+    history = train.run(_config(tiny_data, interrupted, restore_model=True))
+    assert [row["epoch"] for row in history] == [1, 2]
+    model = keras.saving.load_model(interrupted / "model.keras")
+    assert int(model.optimizer.iterations.numpy()) == 2 * steps
+    for a, b in zip(_weights(tmp_path / "full"), _weights(interrupted)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_refuses_to_overwrite_an_existing_run(tiny_data, tmp_path):
+    train.run(_config(tiny_data, tmp_path / "run", num_epochs=1))
+    before = sorted(os.listdir(tmp_path / "run"))
+    with pytest.raises(data_utils.UserError, match="already holds a run"):
+        train.run(_config(tiny_data, tmp_path / "run", num_epochs=1))
+    assert sorted(os.listdir(tmp_path / "run")) == before
+    train.run(_config(tiny_data, tmp_path / "run", num_epochs=1, overwrite=True))
+
+
+def test_resume_with_a_different_run_length_is_refused(tiny_data, tmp_path):
+    train.run(_config(tiny_data, tmp_path / "run", num_epochs=1))
+    with pytest.raises(data_utils.UserError, match="resume with the flags"):
+        train.run(_config(tiny_data, tmp_path / "run", num_epochs=3, restore_model=True))
+
+
+def test_history_records_the_schedules_and_validation(tiny_data, tmp_path):
+    history = train.run(_config(tiny_data, tmp_path / "run",
+                                val_dir=os.path.join(tiny_data, "test")))
+    assert [row["epoch"] for row in history] == [1, 2]
+    for key in ("loss", "label_loss", "domain_loss", "label_accuracy",
+                "domain_accuracy", "lambda", "lr", "val_source_accuracy",
+                "val_target_accuracy", "val_domain_accuracy"):
+        assert key in history[-1], key
+    assert 0 < history[0]["lambda"] < history[1]["lambda"] < 1
+    assert history[0]["lr"] > history[1]["lr"]
