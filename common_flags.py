@@ -12,6 +12,7 @@ import models
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA_DIR = os.path.join(REPO_DIR, "data", "mnist_mnistm")
 DEFAULT_MODEL_DIR = os.path.join(REPO_DIR, "runs", "dann")
+CACHE_DIR = os.path.join(REPO_DIR, "data", "cache")
 
 # Data.
 flags.DEFINE_string(
@@ -30,6 +31,30 @@ flags.DEFINE_enum(
     "img_mode", "rgb", ["rgb", "grayscale"],
     "Channels the images are read with; grayscale sources are repeated to 3 "
     "channels in rgb mode.")
+
+# Building MNIST -> MNIST-M (data_utils.py; train.py uses them when it builds the
+# default data set).
+flags.DEFINE_string("output_dir", DEFAULT_DATA_DIR,
+                    "data_utils.py: folder to write the MNIST -> MNIST-M data set into.")
+flags.DEFINE_string(
+    "mnist_path", None,
+    "Folder of LeCun's MNIST IDX files (.gz or not) or a Keras mnist.npz. Default: "
+    "Keras's cached or downloaded copy, else the copy shipped on PyPI.")
+flags.DEFINE_string(
+    "mnistm_path", None,
+    "The official MNIST-M release (the mnist_m folder or mnist_m.tar.gz) to use as "
+    "the target instead of generating it.")
+flags.DEFINE_string(
+    "backgrounds", None,
+    "Photos for generating MNIST-M: a folder of colour images or BSDS500's "
+    "BSR_bsds500.tgz (its training photos, as in the paper). Default: the 11 colour "
+    "photos shipped with scikit-image and scikit-learn.")
+flags.DEFINE_integer("num_train", 0, "Keep the first N training digits (0: all 60,000).")
+flags.DEFINE_integer("num_test", 0, "Keep the first N test digits (0: all 10,000).")
+flags.DEFINE_boolean(
+    "binarize", False,
+    "Binarise digits (pixel > 0 -> 255) before blending, as the widely used MNIST-M "
+    "re-creation script does; default: blend the grayscale digit, as the paper states.")
 
 # Run.
 flags.DEFINE_string(
@@ -52,7 +77,7 @@ flags.DEFINE_boolean(
 flags.DEFINE_boolean(
     "overwrite", False,
     "Replace the run already in --model_dir (without it, train.py refuses to start "
-    "there).")
+    "there), or the data set in --output_dir (data_utils.py).")
 flags.DEFINE_string(
     "weights_fname", None,
     "eval.py: checkpoint to evaluate, a path or a file name inside --model_dir "
@@ -68,6 +93,9 @@ flags.DEFINE_float("gamma", 10.0, "gamma in lambda = 2 / (1 + exp(-gamma p)) - 1
 for _name in ("num_epochs", "batch_size", "log_rate", "img_width", "img_height"):
     flags.register_validator(_name, lambda value: value is not None and value >= 1,
                              message=f"--{_name} must be a positive integer")
+for _name in ("num_train", "num_test"):
+    flags.register_validator(_name, lambda value: value is not None and value >= 0,
+                             message=f"--{_name} must be zero (all) or positive")
 for _name in ("lr", "lr_alpha", "lr_beta", "gamma"):
     flags.register_validator(_name, lambda value: value is not None and value >= 0,
                              message=f"--{_name} must be zero or positive")

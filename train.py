@@ -267,10 +267,24 @@ def flags_text():
     return "".join(f"{line}\n" for line in sorted(lines) if line)
 
 
+def build_default_data_if_missing():
+    """Builds MNIST -> MNIST-M in the default data folder when training on it."""
+    default_train = os.path.join(common_flags.DEFAULT_DATA_DIR, "train")
+    if FLAGS.train_dir != default_train or os.path.exists(common_flags.DEFAULT_DATA_DIR):
+        return
+    print(f"No data set in {common_flags.DEFAULT_DATA_DIR}: building MNIST -> MNIST-M "
+          "there first (python data_utils.py).")
+    data_utils.build_mnist_mnistm(
+        common_flags.DEFAULT_DATA_DIR, FLAGS.mnist_path, FLAGS.mnistm_path,
+        FLAGS.backgrounds, FLAGS.num_train, FLAGS.num_test, seed=0,
+        binarize=FLAGS.binarize, cache_dir=common_flags.CACHE_DIR)
+
+
 def main(argv):
     del argv
     config = config_from_flags()
     try:
+        build_default_data_if_missing()
         history = run(config, flags_text())
     except data_utils.UserError as error:
         print(f"error: {error}", file=sys.stderr)

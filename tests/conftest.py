@@ -44,3 +44,8 @@ def tiny_data(tmp_path_factory):
     write_split(root / "train", per_class=16, seed=1)
     write_split(root / "test", per_class=8, seed=2)
     return str(root)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "network: needs PyPI (skip with -m 'not network' when offline)")

