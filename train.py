@@ -12,8 +12,10 @@ import dataclasses  # noqa: E402
 import glob  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
 
 from absl import app, flags, logging  # noqa: E402
@@ -202,6 +204,61 @@ def restore(config, total_steps):
     return model
 
 
+class TrainingStopped(Exception):
+    """Training stopped before its end; the message says where and what was kept."""
+
+    def __init__(self, message, exit_code):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class StopGuard(models.keras.callbacks.Callback):
+    """Stops cleanly on SIGINT/SIGTERM (saving a checkpoint first) or a non-finite loss.
+
+    The signal handlers only set a flag; the check runs between two steps, where the
+    model and optimiser are consistent, so the checkpoint resumes exactly.
+    """
+
+    def __init__(self, model_dir):
+        super().__init__()
+        self.model_dir = model_dir
+        self.received = None
+        self.epoch = 0
+        self.previous_handlers = {}
+
+    def __enter__(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self.previous_handlers[signum] = signal.signal(signum, self._on_signal)
+        return self
+
+    def __exit__(self, *exc_info):
+        for signum, handler in self.previous_handlers.items():
+            signal.signal(signum, handler)
+
+    def _on_signal(self, signum, frame):
+        del frame
+        self.received = signum
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch + 1
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(self.model.optimizer.iterations.numpy())
+        loss = float((logs or {}).get("loss", 0.0))
+        if not math.isfinite(loss):
+            kept = latest_checkpoint(self.model_dir) or "none yet"
+            raise TrainingStopped(
+                f"the loss became {loss} at epoch {self.epoch}, step {step}: training "
+                f"stopped; the last good checkpoint is {kept}. Try a lower --lr", 1)
+        if self.received is not None:
+            path = checkpoint_path(self.model_dir, step)
+            save_model_atomically(self.model, path)
+            name = signal.Signals(self.received).name
+            raise TrainingStopped(
+                f"{name} at epoch {self.epoch}, step {step}: saved {path}; continue "
+                f"with the same flags plus --restore_model", 128 + self.received)
+
+
 def run(config, flags_file_text=None):
     """Trains one model as `config` says and writes its run folder.
 
@@ -211,6 +268,10 @@ def run(config, flags_file_text=None):
 
     Returns:
         The per-epoch history rows (dicts) of the whole run, resumed epochs included.
+
+    Raises:
+        UserError: bad input (folders, flags that do not match a resumed run).
+        TrainingStopped: a signal or a non-finite loss stopped training.
     """
     prepare_model_dir(config)
     if flags_file_text and not config.restore_model:
@@ -232,26 +293,49 @@ def run(config, flags_file_text=None):
             config.lr_beta, train.class_names)
     done_steps = int(model.optimizer.iterations.numpy())
     labelled = "target" if config.mode == "target_only" else "source"
-    dataset = data_utils.training_dataset(
-        (source, len(train.source)), (target, len(train.target)), labelled,
-        config.batch_size, config.seed, done_steps)
+
+    def batches(skip_steps):
+        return data_utils.training_dataset(
+            (source, len(train.source)), (target, len(train.target)), labelled,
+            config.batch_size, config.seed, skip_steps)
+
     validation = None
     if config.val_dir:
         _, val_source, val_target = load_split(config.val_dir, config, train.class_names)
         validation = data_utils.evaluation_dataset(val_source, val_target,
                                                    config.batch_size * 4)
     history = read_history(config.model_dir, done_steps // steps)
-    callbacks = [
-        models.LambdaScheduler(total_steps, config.gamma),
-        PeriodicCheckpoint(config.model_dir, config.log_rate, config.num_epochs),
-        HistoryWriter(config.model_dir, history),
-        models.keras.callbacks.TensorBoard(os.path.join(config.model_dir, "logs")),
-    ]
-    model.fit(dataset, epochs=config.num_epochs, steps_per_epoch=steps,
-              initial_epoch=done_steps // steps, validation_data=validation,
-              callbacks=callbacks, verbose=config.verbose, shuffle=False)
+    with StopGuard(config.model_dir) as guard:
+        callbacks = [
+            guard,
+            models.LambdaScheduler(total_steps, config.gamma),
+            PeriodicCheckpoint(config.model_dir, config.log_rate, config.num_epochs),
+            HistoryWriter(config.model_dir, history),
+            models.keras.callbacks.TensorBoard(os.path.join(config.model_dir, "logs")),
+        ]
+        for epoch, epochs, epoch_steps in epoch_segments(done_steps, steps,
+                                                         config.num_epochs):
+            model.fit(batches(epoch * steps + steps - epoch_steps), epochs=epochs,
+                      steps_per_epoch=epoch_steps, initial_epoch=epoch,
+                      validation_data=validation, callbacks=callbacks,
+                      verbose=config.verbose, shuffle=False)
     save_model_atomically(model, os.path.join(config.model_dir, FINAL_MODEL))
     return history
+
+
+def epoch_segments(done_steps, steps, num_epochs):
+    """The `fit` calls that finish a run: (initial epoch, epochs, steps per epoch).
+
+    A run stopped inside an epoch first finishes that epoch's remaining steps.
+    """
+    epoch, offset = divmod(done_steps, steps)
+    segments = []
+    if offset:
+        segments.append((epoch, epoch + 1, steps - offset))
+        epoch += 1
+    if epoch < num_epochs:
+        segments.append((epoch, num_epochs, steps))
+    return segments
 
 
 def config_from_flags():
@@ -289,6 +373,9 @@ def main(argv):
     except data_utils.UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except TrainingStopped as stop:
+        print(f"stopped: {stop}", file=sys.stderr)
+        sys.exit(stop.exit_code)
     summary = ", ".join(f"{key} {value:.4f}" for key, value in sorted(history[-1].items())
                         if key != "epoch")
     print(f"Trained {config.mode} for {config.num_epochs} epochs into "

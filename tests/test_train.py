@@ -1,6 +1,7 @@
 """Training runs in-process: honesty of the protocol and resumption."""
 
 import os
+import signal
 
 import keras
 import numpy as np
@@ -101,3 +102,43 @@ def test_history_records_the_schedules_and_validation(tiny_data, tmp_path):
         assert key in history[-1], key
     assert 0 < history[0]["lambda"] < history[1]["lambda"] < 1
     assert history[0]["lr"] > history[1]["lr"]
+
+
+def test_sigint_saves_a_checkpoint_and_resuming_gives_the_uninterrupted_weights(
+        tiny_data, tmp_path, monkeypatch):
+    train.run(_config(tiny_data, tmp_path / "full"))
+    interrupted = tmp_path / "interrupted"
+    original = train.StopGuard.on_train_batch_end
+
+    def interrupt_at_step_9(self, batch, logs=None):
+        if int(self.model.optimizer.iterations.numpy()) == 9:
+            os.kill(os.getpid(), signal.SIGINT)
+        original(self, batch, logs)
+
+    monkeypatch.setattr(train.StopGuard, "on_train_batch_end", interrupt_at_step_9)
+    with pytest.raises(train.TrainingStopped, match="SIGINT at epoch 2, step 9") as stop:
+        train.run(_config(tiny_data, interrupted))
+    assert stop.value.exit_code == 130
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert os.path.exists(train.checkpoint_path(str(interrupted), 9))
+    assert not os.path.exists(interrupted / "model.keras")
+    history = train.run(_config(tiny_data, interrupted, restore_model=True))
+    assert [row["epoch"] for row in history] == [1, 2]
+    for a, b in zip(_weights(tmp_path / "full"), _weights(interrupted)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_diverging_loss_stops_with_the_epoch_and_step(tiny_data, tmp_path):
+    model_dir = tmp_path / "run"
+    with pytest.raises(train.TrainingStopped, match=r"loss became (nan|inf) at epoch 1"):
+        train.run(_config(tiny_data, model_dir, lr=1e12, momentum=0.0))
+    assert not os.path.exists(model_dir / "model.keras")
+
+
+def test_epoch_segments_finish_a_partial_epoch_first():
+    assert train.epoch_segments(0, 10, 3) == [(0, 3, 10)]
+    assert train.epoch_segments(20, 10, 3) == [(2, 3, 10)]
+    assert train.epoch_segments(23, 10, 3) == [(2, 3, 7)]
+    assert train.epoch_segments(13, 10, 3) == [(1, 2, 7), (2, 3, 10)]
+    assert train.epoch_segments(30, 10, 3) == []
