@@ -5,6 +5,7 @@ matched by name across domains and splits and sorted, so a class's index is the 
 everywhere.
 """
 
+import contextlib
 import dataclasses
 import gzip
 import hashlib
@@ -157,6 +158,58 @@ def decode_image(path, image_size, channels):
     return image
 
 
+def unreadable_images(files, channels):
+    """Paths among `files` that TensorFlow cannot decode, found in one parallel pass."""
+    paths = tf.constant(files.paths or [""])
+
+    def try_decode(index):
+        image = tf.io.decode_image(tf.io.read_file(paths[index]), channels=channels,
+                                   expand_animations=False)
+        return index, tf.shape(image)
+
+    readable = tf.data.Dataset.range(len(files)).map(
+        try_decode, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
+    decoded = {int(index) for index, _ in readable.as_numpy_iterator()}
+    return [path for index, path in enumerate(files.paths) if index not in decoded]
+
+
+def without_unreadable(split, channels):
+    """The split minus the images that cannot be decoded, and how many were dropped."""
+    dropped = 0
+    for domain in DOMAINS:
+        files = getattr(split, domain)
+        bad = set(unreadable_images(files, channels))
+        kept = [(p, label) for p, label in zip(files.paths, files.labels) if p not in bad]
+        if not kept:
+            raise UserError(f"no readable images in {split.root}/{domain}: fix the "
+                            "image files")
+        setattr(split, domain, DomainFiles([p for p, _ in kept], [lb for _, lb in kept]))
+        dropped += len(bad)
+    return split, dropped
+
+
+def check_readable(splits, channels):
+    """Raises UserError naming the first image of `splits` that cannot be decoded."""
+    for split in splits:
+        for domain in DOMAINS:
+            bad = unreadable_images(getattr(split, domain), channels)
+            if bad:
+                raise UserError(
+                    f"{bad[0]} is not a readable image ({len(bad)} such files in "
+                    f"{split.root}/{domain}): fix or delete them, or pass "
+                    "--skip_bad_images to leave them out")
+
+
+@contextlib.contextmanager
+def naming_unreadable(splits, channels):
+    """Turns TensorFlow's decode error inside the block into a UserError naming the file."""
+    try:
+        yield
+    except tf.errors.InvalidArgumentError:
+        check_readable(splits, channels)
+        raise
+
+
 def decoded_dataset(files, image_size, channels):
     """A cached dataset of (uint8 image, int32 label) in file order.
 
@@ -172,8 +225,12 @@ def decoded_dataset(files, image_size, channels):
 
 
 def steps_per_epoch(num_source, num_target, batch_size):
-    """Steps in one epoch: one pass over the larger domain, the smaller one repeats."""
-    return max(1, max(num_source, num_target) // batch_size)
+    """Steps in one epoch: enough to show every image of the larger domain once.
+
+    The smaller domain repeats; batches are always full, so the last batch of a pass
+    is completed from the next one.
+    """
+    return -(-max(num_source, num_target) // batch_size)
 
 
 def training_dataset(source, target, labelled_domain, batch_size, seed,

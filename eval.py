@@ -115,13 +115,18 @@ def summary_table(report):
     return "\n".join(rows)
 
 
-def run(model_dir, test_dir, weights_fname=None):
+def run(model_dir, test_dir, weights_fname=None, skip_bad_images=False):
     """Evaluates the run in `model_dir` on `test_dir`, writes and returns the report."""
     path = model_path(model_dir, weights_fname)
     model = load_trained_model(path)
     split = data_utils.scan_split(test_dir, model.class_names)
-    report = {"model": path, "test_dir": test_dir, "mode": model.mode,
-              **evaluate(model, split)}
+    channels = model.image_shape[2]
+    skipped = 0
+    if skip_bad_images:
+        split, skipped = data_utils.without_unreadable(split, channels)
+    with data_utils.naming_unreadable([split], channels):
+        report = {"model": path, "test_dir": test_dir, "mode": model.mode,
+                  "skipped_images": skipped, **evaluate(model, split)}
     write_report(report, model_dir, split.class_names, model.mode)
     return report
 
@@ -129,7 +134,8 @@ def run(model_dir, test_dir, weights_fname=None):
 def main(argv):
     del argv
     try:
-        report = run(FLAGS.model_dir, FLAGS.test_dir, FLAGS.weights_fname)
+        report = run(FLAGS.model_dir, FLAGS.test_dir, FLAGS.weights_fname,
+                     FLAGS.skip_bad_images)
     except data_utils.UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

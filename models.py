@@ -4,24 +4,12 @@ Ganin & Lempitsky, "Unsupervised Domain Adaptation by Backpropagation" (ICML 201
 and "Domain-Adversarial Training of Neural Networks" (JMLR 2016).
 """
 
-import math
-
 import keras
 import numpy as np
 import tensorflow as tf
 
 MODES = ("dann", "source_only", "target_only")
 SOURCE_DOMAIN, TARGET_DOMAIN = 0, 1
-
-
-def progress(step, total_steps):
-    """Training progress p in [0, 1] after `step` of `total_steps` steps."""
-    return min(float(step) / float(total_steps), 1.0)
-
-
-def lambda_schedule(p, gamma=10.0):
-    """The paper's adaptation factor: 2 / (1 + exp(-gamma p)) - 1."""
-    return 2.0 / (1.0 + math.exp(-gamma * p)) - 1.0
 
 
 @keras.saving.register_keras_serializable(package="dann")
@@ -81,26 +69,8 @@ class DANNLearningRate(keras.optimizers.schedules.LearningRateSchedule):
         }
 
 
-class LambdaScheduler(keras.callbacks.Callback):
-    """Sets the gradient-reversal lambda before every step from the optimiser's step.
-
-    Reading the step from the optimiser (restored with a checkpoint) makes a resumed
-    run continue the schedule where it stopped.
-    """
-
-    def __init__(self, total_steps, gamma=10.0):
-        super().__init__()
-        self.total_steps = int(total_steps)
-        self.gamma = float(gamma)
-
-    def current_lambda(self):
-        if self.model.mode != "dann":
-            return 0.0
-        step = int(self.model.optimizer.iterations.numpy())
-        return lambda_schedule(progress(step, self.total_steps), self.gamma)
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self.model.grl.lambda_.assign(self.current_lambda())
+class ScheduleLogger(keras.callbacks.Callback):
+    """Adds the current gradient-reversal lambda and learning rate to the epoch logs."""
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
@@ -169,7 +139,7 @@ class DANN(keras.Model):
     """
 
     def __init__(self, input_shape, num_classes, mean, mode="dann", class_names=None,
-                 **kwargs):
+                 total_steps=1, gamma=10.0, **kwargs):
         super().__init__(**kwargs)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -177,6 +147,8 @@ class DANN(keras.Model):
         self.num_classes = int(num_classes)
         self.mean = [float(m) for m in mean]
         self.mode = mode
+        self.total_steps = int(total_steps)
+        self.gamma = float(gamma)
         self.class_names = list(class_names) if class_names else [
             str(k) for k in range(self.num_classes)]
         self.features = feature_extractor(self.image_shape, self.mean)
@@ -240,7 +212,19 @@ class DANN(keras.Model):
             tf.cast(tf.equal(tf.cast(domain_logits > 0, tf.float32), domain_labels),
                     tf.float32))
 
+    def adaptation_factor(self):
+        """lambda for the coming step: the paper's schedule in `dann` mode, else 0."""
+        if self.mode != "dann":
+            return tf.constant(0.0)
+        p = tf.minimum(tf.cast(self.optimizer.iterations, tf.float32) / self.total_steps,
+                       1.0)
+        return 2.0 / (1.0 + tf.exp(-self.gamma * p)) - 1.0
+
     def train_step(self, batch):
+        # Set inside the compiled step, from the optimiser's own step counter: exact
+        # for every step even when Keras runs several steps per call, and continued
+        # by a resumed run.
+        self.grl.lambda_.assign(self.adaptation_factor())
         with tf.GradientTape() as tape:
             label_loss, domain_loss, *outputs = self._forward(batch, training=True)
             loss = label_loss + domain_loss
@@ -275,6 +259,8 @@ class DANN(keras.Model):
             "mean": self.mean,
             "mode": self.mode,
             "class_names": self.class_names,
+            "total_steps": self.total_steps,
+            "gamma": self.gamma,
         }
 
 
@@ -284,7 +270,8 @@ def _accuracy(labels, logits):
 
 
 def build_dann(input_shape, num_classes, mean, mode, total_steps, lr=0.01,
-               momentum=0.9, lr_alpha=10.0, lr_beta=0.75, class_names=None):
+               momentum=0.9, lr_alpha=10.0, lr_beta=0.75, gamma=10.0, class_names=None,
+               steps_per_execution=1):
     """A compiled DANN with the paper's SGD and learning-rate annealing.
 
     Args:
@@ -294,15 +281,19 @@ def build_dann(input_shape, num_classes, mean, mode, total_steps, lr=0.01,
         mode: one of MODES.
         total_steps: optimiser steps of the whole run, the schedules' horizon.
         lr, momentum, lr_alpha, lr_beta: SGD and annealing settings.
+        gamma: the lambda schedule's gamma.
         class_names: names of the classes, stored with the model.
+        steps_per_execution: training steps Keras runs per compiled call.
 
     Returns:
         A compiled `DANN`.
     """
-    model = DANN(input_shape, num_classes, mean, mode, class_names=class_names)
+    model = DANN(input_shape, num_classes, mean, mode, class_names=class_names,
+                 total_steps=total_steps, gamma=gamma)
     schedule = DANNLearningRate(lr, total_steps, lr_alpha, lr_beta)
     model.compile(optimizer=keras.optimizers.SGD(learning_rate=schedule,
-                                                 momentum=momentum))
+                                                 momentum=momentum),
+                  steps_per_execution=steps_per_execution)
     return model
 
 

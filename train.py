@@ -59,6 +59,8 @@ class TrainConfig:
     log_rate: int = 5
     restore_model: bool = False
     overwrite: bool = False
+    skip_bad_images: bool = False
+    steps_per_execution: int = 1
     verbose: int = 1
 
     @property
@@ -144,35 +146,43 @@ def read_history(model_dir, up_to_epoch):
         return [row for row in json.load(handle) if row["epoch"] <= up_to_epoch]
 
 
-def prepare_model_dir(config):
-    """Makes the run folder, refusing to overwrite an existing run by accident."""
+RUN_FILES = (FINAL_MODEL, FLAGS_FILE, CHECKPOINT_DIR, HISTORY_CSV, HISTORY_JSON,
+             CURVES_PNG, "logs")
+
+
+def holds_run(model_dir):
+    return os.path.isdir(model_dir) and any(
+        os.path.exists(os.path.join(model_dir, name)) for name in RUN_FILES)
+
+
+def check_model_dir(config):
+    """Refuses an unusable --model_dir before anything is loaded or written."""
     model_dir = config.model_dir
     if os.path.exists(model_dir) and not os.path.isdir(model_dir):
         raise data_utils.UserError(f"--model_dir {model_dir} is a file: pass a folder")
-    holds_run = os.path.isdir(model_dir) and any(
-        os.path.exists(os.path.join(model_dir, name))
-        for name in (FINAL_MODEL, FLAGS_FILE, CHECKPOINT_DIR, HISTORY_CSV))
-    if holds_run and not config.restore_model:
-        if not config.overwrite:
-            raise data_utils.UserError(
-                f"{model_dir} already holds a run: pass --restore_model to resume it, "
-                "--overwrite to replace it, or another --model_dir")
-        for name in (FINAL_MODEL, FLAGS_FILE, CHECKPOINT_DIR, HISTORY_CSV,
-                     HISTORY_JSON, CURVES_PNG, "logs"):
-            path = os.path.join(model_dir, name)
+    if holds_run(model_dir) and not (config.restore_model or config.overwrite):
+        raise data_utils.UserError(
+            f"{model_dir} already holds a run: pass --restore_model to resume it, "
+            "--overwrite to replace it, or another --model_dir")
+    existing = os.path.abspath(model_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+        raise data_utils.UserError(
+            f"cannot create --model_dir {model_dir} ({existing} is not a writable "
+            "folder): pass a writable folder")
+
+
+def prepare_model_dir(config):
+    """Makes the run folder; with --overwrite, first removes the run it held."""
+    if holds_run(config.model_dir) and not config.restore_model:
+        for name in RUN_FILES:
+            path = os.path.join(config.model_dir, name)
             if os.path.isdir(path):
                 shutil.rmtree(path)
             elif os.path.exists(path):
                 os.remove(path)
-    try:
-        os.makedirs(os.path.join(model_dir, CHECKPOINT_DIR), exist_ok=True)
-    except OSError as error:
-        raise data_utils.UserError(
-            f"cannot create --model_dir {model_dir} ({error.strerror}): pass a "
-            "writable folder") from None
-    if not os.access(model_dir, os.W_OK):
-        raise data_utils.UserError(f"--model_dir {model_dir} is not writable: pass a "
-                                   "writable folder")
+    os.makedirs(os.path.join(config.model_dir, CHECKPOINT_DIR), exist_ok=True)
 
 
 def load_split(split_dir, config, class_names=None):
@@ -181,6 +191,9 @@ def load_split(split_dir, config, class_names=None):
     if split.ignored_files:
         logging.info("%s: ignored %d files that are not images", split_dir,
                      split.ignored_files)
+    if config.skip_bad_images:
+        split, dropped = data_utils.without_unreadable(split, config.channels)
+        logging.info("%s: skipped %d unreadable images", split_dir, dropped)
     source = data_utils.decoded_dataset(split.source, config.image_size, config.channels)
     target = data_utils.decoded_dataset(split.target, config.image_size, config.channels)
     return split, source, target
@@ -194,7 +207,7 @@ def restore(config, total_steps):
             f"--restore_model: {config.model_dir} has no checkpoint in {CHECKPOINT_DIR}/: "
             "train without --restore_model first")
     model = models.keras.saving.load_model(path)
-    saved_steps = model.optimizer._learning_rate.total_steps
+    saved_steps = model.total_steps
     if saved_steps != total_steps or model.mode != config.mode:
         raise data_utils.UserError(
             f"{path} belongs to a {model.mode} run of {saved_steps} steps, but these "
@@ -273,54 +286,75 @@ def run(config, flags_file_text=None):
         UserError: bad input (folders, flags that do not match a resumed run).
         TrainingStopped: a signal or a non-finite loss stopped training.
     """
-    prepare_model_dir(config)
-    if flags_file_text and not config.restore_model:
-        data_utils.write_atomically(os.path.join(config.model_dir, FLAGS_FILE),
-                                    lambda handle: handle.write(flags_file_text))
+    check_model_dir(config)
     models.keras.utils.set_random_seed(config.seed)
     train, source, target = load_split(config.train_dir, config)
+    splits, validation = [train], None
+    if config.val_dir:
+        val, val_source, val_target = load_split(config.val_dir, config,
+                                                 train.class_names)
+        splits.append(val)
+        validation = data_utils.evaluation_dataset(val_source, val_target,
+                                                   config.batch_size * 4)
     steps = data_utils.steps_per_epoch(len(train.source), len(train.target),
                                        config.batch_size)
     total_steps = steps * config.num_epochs
-    if config.restore_model:
-        model = restore(config, total_steps)
-    else:
-        mean = models.channel_mean(itertools.chain.from_iterable(
-            data_utils.images_only(d, 1024).as_numpy_iterator() for d in (source, target)))
-        model = models.build_dann(
-            (*config.image_size, config.channels), len(train.class_names), mean,
-            config.mode, total_steps, config.lr, config.momentum, config.lr_alpha,
-            config.lr_beta, train.class_names)
-    done_steps = int(model.optimizer.iterations.numpy())
-    labelled = "target" if config.mode == "target_only" else "source"
+    with data_utils.naming_unreadable(splits, config.channels):
+        if config.restore_model:
+            model = restore(config, total_steps)
+        else:
+            mean = models.channel_mean(itertools.chain.from_iterable(
+                data_utils.images_only(d, 1024).as_numpy_iterator()
+                for d in (source, target)))
+            model = models.build_dann(
+                (*config.image_size, config.channels), len(train.class_names), mean,
+                config.mode, total_steps, config.lr, config.momentum, config.lr_alpha,
+                config.lr_beta, config.gamma, train.class_names)
+        # The data and the model are sound: only now is an old run replaced.
+        prepare_model_dir(config)
+        if flags_file_text and not config.restore_model:
+            data_utils.write_atomically(os.path.join(config.model_dir, FLAGS_FILE),
+                                        lambda handle: handle.write(flags_file_text))
+        done_steps = int(model.optimizer.iterations.numpy())
+        labelled = "target" if config.mode == "target_only" else "source"
 
-    def batches(skip_steps):
-        return data_utils.training_dataset(
-            (source, len(train.source)), (target, len(train.target)), labelled,
-            config.batch_size, config.seed, skip_steps)
+        def batches(skip_steps):
+            return data_utils.training_dataset(
+                (source, len(train.source)), (target, len(train.target)), labelled,
+                config.batch_size, config.seed, skip_steps)
 
-    validation = None
-    if config.val_dir:
-        _, val_source, val_target = load_split(config.val_dir, config, train.class_names)
-        validation = data_utils.evaluation_dataset(val_source, val_target,
-                                                   config.batch_size * 4)
-    history = read_history(config.model_dir, done_steps // steps)
-    with StopGuard(config.model_dir) as guard:
-        callbacks = [
-            guard,
-            models.LambdaScheduler(total_steps, config.gamma),
-            PeriodicCheckpoint(config.model_dir, config.log_rate, config.num_epochs),
-            HistoryWriter(config.model_dir, history),
-            models.keras.callbacks.TensorBoard(os.path.join(config.model_dir, "logs")),
-        ]
-        for epoch, epochs, epoch_steps in epoch_segments(done_steps, steps,
-                                                         config.num_epochs):
-            model.fit(batches(epoch * steps + steps - epoch_steps), epochs=epochs,
-                      steps_per_epoch=epoch_steps, initial_epoch=epoch,
-                      validation_data=validation, callbacks=callbacks,
-                      verbose=config.verbose, shuffle=False)
+        history = read_history(config.model_dir, done_steps // steps)
+        with StopGuard(config.model_dir) as guard:
+            callbacks = [
+                guard,
+                models.ScheduleLogger(),
+                PeriodicCheckpoint(config.model_dir, config.log_rate, config.num_epochs),
+                HistoryWriter(config.model_dir, history),
+                models.keras.callbacks.TensorBoard(
+                    os.path.join(config.model_dir, "logs")),
+            ]
+            for epoch, epochs, epoch_steps in epoch_segments(done_steps, steps,
+                                                             config.num_epochs):
+                set_steps_per_execution(model, epoch_steps, config.steps_per_execution)
+                model.fit(batches(epoch * steps + steps - epoch_steps), epochs=epochs,
+                          steps_per_epoch=epoch_steps, initial_epoch=epoch,
+                          validation_data=validation, callbacks=callbacks,
+                          verbose=config.verbose, shuffle=False)
     save_model_atomically(model, os.path.join(config.model_dir, FINAL_MODEL))
     return history
+
+
+def set_steps_per_execution(model, epoch_steps, requested):
+    """Runs the largest number of steps per call, up to `requested`, dividing an epoch.
+
+    Keras rounds an epoch up to whole calls, so a value that does not divide the
+    epoch's steps would train extra steps and change the result.
+    """
+    chosen = max(n for n in range(1, requested + 1) if epoch_steps % n == 0)
+    if chosen != model.steps_per_execution:
+        model.steps_per_execution = chosen
+        model.make_train_function(force=True)
+    logging.info("%d steps per epoch, %d steps per compiled call", epoch_steps, chosen)
 
 
 def epoch_segments(done_steps, steps, num_epochs):
@@ -340,7 +374,9 @@ def epoch_segments(done_steps, steps, num_epochs):
 
 def config_from_flags():
     names = {field.name for field in dataclasses.fields(TrainConfig)} - {"verbose"}
-    return TrainConfig(**{name: FLAGS[name].value for name in names})
+    # Keras's live progress bar on a terminal; one line per epoch in a log file.
+    verbose = 1 if sys.stdout.isatty() else 2
+    return TrainConfig(verbose=verbose, **{name: FLAGS[name].value for name in names})
 
 
 def flags_text():

@@ -116,7 +116,8 @@ def test_every_image_appears_once_per_pass(tiny_data):
 
 
 def test_steps_per_epoch_covers_the_larger_domain():
-    assert data_utils.steps_per_epoch(1000, 300, 64) == 15
+    assert data_utils.steps_per_epoch(1000, 300, 64) == 16
+    assert data_utils.steps_per_epoch(960, 300, 64) == 15
     assert data_utils.steps_per_epoch(10, 20, 64) == 1
 
 

@@ -51,13 +51,16 @@ def test_gradient_reversal_config_round_trip():
     assert float(clone.lambda_.numpy()) == pytest.approx(0.7)
 
 
-@pytest.mark.parametrize("p, expected", [
-    (0.0, 0.0),
-    (0.5, 2.0 / (1.0 + math.exp(-5.0)) - 1.0),
-    (1.0, 2.0 / (1.0 + math.exp(-10.0)) - 1.0),
+@pytest.mark.parametrize("step, expected", [
+    (0, 0.0),
+    (500, 2.0 / (1.0 + math.exp(-5.0)) - 1.0),
+    (1000, 2.0 / (1.0 + math.exp(-10.0)) - 1.0),
+    (3000, 2.0 / (1.0 + math.exp(-10.0)) - 1.0),
 ])
-def test_lambda_schedule(p, expected):
-    assert models.lambda_schedule(p, gamma=10.0) == pytest.approx(expected, rel=1e-12)
+def test_lambda_schedule_follows_the_optimizer_step(step, expected):
+    model = models.build_dann((28, 28, 3), 10, [0.5] * 3, "dann", 1000, gamma=10.0)
+    model.optimizer.iterations.assign(step)
+    assert float(model.adaptation_factor()) == pytest.approx(expected, rel=1e-6)
 
 
 @pytest.mark.parametrize("step, expected", [
@@ -67,12 +70,6 @@ def test_lambda_schedule(p, expected):
 def test_learning_rate_schedule_over_the_whole_run(step, expected):
     schedule = models.DANNLearningRate(0.01, total_steps=1000, alpha=10.0, beta=0.75)
     assert float(schedule(step)) == pytest.approx(expected, rel=1e-6)
-
-
-def test_progress_is_clipped_to_one():
-    assert models.progress(0, 10) == 0.0
-    assert models.progress(5, 10) == 0.5
-    assert models.progress(20, 10) == 1.0
 
 
 def test_channel_mean_is_exact_over_many_batches():
@@ -104,7 +101,7 @@ def test_keras_file_round_trip_gives_identical_predictions(tmp_path):
     model = models.build_dann((28, 28, 3), 10, [0.2, 0.3, 0.4], "dann", 100,
                               class_names=[f"c{k}" for k in range(10)])
     model.fit(tf.data.Dataset.from_tensors(_batch(rng)).repeat(), steps_per_epoch=3,
-              epochs=1, verbose=0, callbacks=[models.LambdaScheduler(100)])
+              epochs=1, verbose=0)
     path = str(tmp_path / "model.keras")
     model.save(path)
     loaded = keras.saving.load_model(path)
@@ -116,6 +113,7 @@ def test_keras_file_round_trip_gives_identical_predictions(tmp_path):
     assert loaded.mean == pytest.approx([0.2, 0.3, 0.4])
     assert loaded.class_names == [f"c{k}" for k in range(10)]
     assert int(loaded.optimizer.iterations.numpy()) == 3
+    assert loaded.total_steps == 100
     assert loaded.optimizer._learning_rate.total_steps == 100
     for saved, restored in zip(model.optimizer.variables, loaded.optimizer.variables):
         np.testing.assert_array_equal(saved.numpy(), restored.numpy())
@@ -129,23 +127,31 @@ def test_normalisation_inside_the_model_subtracts_the_channel_mean():
                                [0.9, 0.5, 0.1], rtol=1e-6)
 
 
-def test_lambda_scheduler_follows_the_optimizer_step():
-    model = models.build_dann((28, 28, 3), 10, [0.5] * 3, "dann", 10)
-    scheduler = models.LambdaScheduler(total_steps=10, gamma=10.0)
-    scheduler.set_model(model)
+@pytest.mark.parametrize("mode", ["source_only", "target_only"])
+def test_no_adversarial_gradient_outside_dann_mode(mode):
+    model = models.build_dann((28, 28, 3), 10, [0.5] * 3, mode, 10)
     model.optimizer.iterations.assign(5)
-    scheduler.on_train_batch_begin(0)
-    assert float(model.grl.lambda_.numpy()) == pytest.approx(
-        models.lambda_schedule(0.5), rel=1e-6)
+    assert float(model.adaptation_factor()) == 0.0
 
 
-def test_no_adversarial_gradient_outside_dann_mode():
-    model = models.build_dann((28, 28, 3), 10, [0.5] * 3, "source_only", 10)
-    scheduler = models.LambdaScheduler(total_steps=10, gamma=10.0)
-    scheduler.set_model(model)
-    model.optimizer.iterations.assign(5)
-    scheduler.on_train_batch_begin(0)
-    assert float(model.grl.lambda_.numpy()) == 0.0
+@pytest.mark.parametrize("steps_per_execution", [1, 4])
+def test_each_training_step_sets_lambda_from_its_own_step(steps_per_execution):
+    rng = np.random.default_rng(0)
+    model = models.build_dann((28, 28, 3), 10, [0.5] * 3, "dann", 20,
+                              steps_per_execution=steps_per_execution)
+    seen = []
+    original = model.grl.call
+
+    def recording_call(inputs):
+        seen.append(tf.convert_to_tensor(model.grl.lambda_))
+        return original(inputs)
+
+    model.grl.call = recording_call
+    model.run_eagerly = True
+    model.fit(tf.data.Dataset.from_tensors(_batch(rng)).repeat(), steps_per_epoch=8,
+              epochs=1, verbose=0)
+    expected = [2.0 / (1.0 + math.exp(-10.0 * step / 20)) - 1.0 for step in range(8)]
+    np.testing.assert_allclose([float(v) for v in seen], expected, rtol=1e-5)
 
 
 def test_domain_loss_reaches_the_features_only_in_dann_mode():

@@ -54,6 +54,13 @@ def test_permuted_source_labels_do_change_the_weights(tiny_data, tmp_path, monke
     assert any(not np.array_equal(a, b) for a, b in pairs)
 
 
+def test_steps_per_execution_does_not_change_the_result(tiny_data, tmp_path):
+    train.run(_config(tiny_data, tmp_path / "one", steps_per_execution=1))
+    train.run(_config(tiny_data, tmp_path / "four", steps_per_execution=4))
+    for a, b in zip(_weights(tmp_path / "one"), _weights(tmp_path / "four")):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_same_seed_gives_identical_weights(tiny_data, tmp_path):
     train.run(_config(tiny_data, tmp_path / "a", num_epochs=1))
     train.run(_config(tiny_data, tmp_path / "b", num_epochs=1))
@@ -61,7 +68,9 @@ def test_same_seed_gives_identical_weights(tiny_data, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_resuming_after_epoch_one_gives_the_uninterrupted_weights(tiny_data, tmp_path):
+@pytest.mark.parametrize("steps_per_execution", [1, 4])
+def test_resuming_after_epoch_one_gives_the_uninterrupted_weights(tiny_data, tmp_path,
+                                                                 steps_per_execution):
     train.run(_config(tiny_data, tmp_path / "full"))
     steps = data_utils.steps_per_epoch(48, 48, 8)
     interrupted = tmp_path / "resumed"
@@ -69,7 +78,8 @@ def test_resuming_after_epoch_one_gives_the_uninterrupted_weights(tiny_data, tmp
     # Leave the run as if it had stopped after epoch 1 of 2.
     os.remove(train.checkpoint_path(str(interrupted), 2 * steps))
     os.remove(interrupted / "model.keras")
-    history = train.run(_config(tiny_data, interrupted, restore_model=True))
+    history = train.run(_config(tiny_data, interrupted, restore_model=True,
+                                steps_per_execution=steps_per_execution))
     assert [row["epoch"] for row in history] == [1, 2]
     model = keras.saving.load_model(interrupted / "model.keras")
     assert int(model.optimizer.iterations.numpy()) == 2 * steps

@@ -1,0 +1,150 @@
+"""Each bad input gives one clear line, a non-zero exit, and leaves the run intact."""
+
+import hashlib
+import os
+import shutil
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import write_split
+from test_cli import run_script
+
+
+def snapshot(folder):
+    digests = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            digests[path] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return digests
+
+
+@pytest.fixture(scope="module")
+def existing_run(tiny_data, tmp_path_factory):
+    model_dir = str(tmp_path_factory.mktemp("bad") / "run")
+    result = run_script("train.py", f"--train_dir={tiny_data}/train",
+                        f"--model_dir={model_dir}", "--num_epochs=1", "--batch_size=16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return model_dir
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), last
+    for fragment in fragments:
+        assert fragment in last, last
+
+
+def train_into(existing_run, train_dir, *extra):
+    return run_script("train.py", f"--train_dir={train_dir}",
+                      f"--model_dir={existing_run}", "--overwrite", "--num_epochs=1",
+                      "--batch_size=16", *extra)
+
+
+def broken_copy(tiny_data, tmp_path):
+    root = str(tmp_path / "data")
+    shutil.copytree(tiny_data, root)
+    return root
+
+
+@pytest.mark.parametrize("breakage, fragments", [
+    (lambda root: shutil.rmtree(root), ["is not a folder"]),
+    (lambda root: [shutil.rmtree(os.path.join(root, d)) for d in ("source", "target")],
+     ["source is missing"]),
+    (lambda root: shutil.rmtree(os.path.join(root, "target")), ["target is missing"]),
+    (lambda root: os.rename(os.path.join(root, "target", "class_2"),
+                            os.path.join(root, "target", "class_9")),
+     ["class folders differ", "missing class_2", "extra class_9"]),
+    (lambda root: [os.remove(os.path.join(root, "target", "class_1", f))
+                   for f in os.listdir(os.path.join(root, "target", "class_1"))],
+     ["class_1 holds no images"]),
+])
+def test_bad_training_folders(existing_run, tiny_data, tmp_path, breakage, fragments):
+    root = broken_copy(tiny_data, tmp_path)
+    breakage(os.path.join(root, "train"))
+    before = snapshot(existing_run)
+    result = train_into(existing_run, os.path.join(root, "train"))
+    assert_one_line_error(result, os.path.join(root, "train"), *fragments)
+    assert snapshot(existing_run) == before
+
+
+def test_classes_that_differ_between_train_and_val(existing_run, tiny_data, tmp_path):
+    root = broken_copy(tiny_data, tmp_path)
+    for domain in ("source", "target"):
+        shutil.rmtree(os.path.join(root, "test", domain, "class_0"))
+    before = snapshot(existing_run)
+    result = train_into(existing_run, os.path.join(root, "train"),
+                        f"--val_dir={root}/test")
+    assert_one_line_error(result, "differ from the training classes", "missing class_0")
+    assert snapshot(existing_run) == before
+
+
+def test_corrupt_image_is_named_and_can_be_skipped(tiny_data, tmp_path):
+    root = broken_copy(tiny_data, tmp_path)
+    bad = os.path.join(root, "train", "target", "class_1", "00003.png")
+    with open(bad, "r+b") as handle:
+        handle.truncate(60)
+    result = run_script("train.py", f"--train_dir={root}/train",
+                        f"--model_dir={tmp_path}/run", "--num_epochs=1",
+                        "--batch_size=16")
+    assert_one_line_error(result, bad, "--skip_bad_images")
+    result = run_script("train.py", f"--train_dir={root}/train",
+                        f"--model_dir={tmp_path}/run2", "--num_epochs=1",
+                        "--batch_size=16", "--skip_bad_images")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipped 1 unreadable images" in result.stderr
+
+
+def test_stray_files_are_ignored_and_mixed_sizes_resized(tiny_data, tmp_path):
+    root = broken_copy(tiny_data, tmp_path)
+    open(os.path.join(root, "train", "source", "class_0", "README.txt"), "w").write("x")
+    open(os.path.join(root, "train", "target", "class_2", ".DS_Store"), "w").write("x")
+    big = np.random.default_rng(0).integers(0, 256, (40, 36, 3)).astype(np.uint8)
+    Image.fromarray(big).save(os.path.join(root, "train", "target", "class_0", "big.jpg"))
+    result = run_script("train.py", f"--train_dir={root}/train",
+                        f"--model_dir={tmp_path}/run", "--num_epochs=1",
+                        "--batch_size=16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ignored 2 files that are not images" in result.stderr
+
+
+def test_model_dir_that_is_a_file(tiny_data, tmp_path):
+    path = tmp_path / "afile"
+    path.write_text("keep me")
+    result = run_script("train.py", f"--train_dir={tiny_data}/train",
+                        f"--model_dir={path}", "--num_epochs=1")
+    assert_one_line_error(result, str(path), "is a file")
+    assert path.read_text() == "keep me"
+
+
+def test_model_dir_that_cannot_be_created(tiny_data, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    model_dir = tmp_path / "afile" / "run"
+    result = run_script("train.py", f"--train_dir={tiny_data}/train",
+                        f"--model_dir={model_dir}", "--num_epochs=1")
+    assert_one_line_error(result, str(model_dir), "writable folder")
+
+
+def test_existing_run_is_not_overwritten(existing_run, tiny_data):
+    before = snapshot(existing_run)
+    result = run_script("train.py", f"--train_dir={tiny_data}/train",
+                        f"--model_dir={existing_run}", "--num_epochs=1")
+    assert_one_line_error(result, existing_run, "--restore_model", "--overwrite")
+    assert snapshot(existing_run) == before
+
+
+@pytest.mark.parametrize("make", ["garbage", "foreign_model"])
+def test_eval_refuses_a_keras_file_from_another_program(tmp_path, tiny_data, make):
+    path = tmp_path / "model.keras"
+    if make == "garbage":
+        path.write_bytes(b"PK\x03\x04 definitely not a keras archive")
+    else:
+        keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]).save(path)
+    result = run_script("eval.py", f"--model_dir={tmp_path}",
+                        f"--test_dir={tiny_data}/test")
+    assert_one_line_error(result, str(path), "train.py")
