@@ -91,6 +91,10 @@ flags.DEFINE_boolean(
     "overwrite", False,
     "Replace the run already in --model_dir (without it, train.py refuses to start "
     "there), or the data set in --output_dir (data_utils.py).")
+flags.DEFINE_boolean(
+    "tsne", False,
+    "eval.py: also draw tsne.png, a t-SNE of the features of 1,000 source and 1,000 "
+    "target test images coloured by domain.")
 flags.DEFINE_string(
     "weights_fname", None,
     "eval.py: checkpoint to evaluate, a path or a file name inside --model_dir "

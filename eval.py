@@ -15,7 +15,7 @@ import sys  # noqa: E402
 
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
-from sklearn import metrics  # noqa: E402
+from sklearn import manifold, metrics  # noqa: E402
 
 import common_flags  # noqa: E402
 import data_utils  # noqa: E402
@@ -26,6 +26,7 @@ FLAGS = flags.FLAGS
 flags.adopt_module_key_flags(common_flags)
 
 REPORT_FILE = "eval_report.json"
+TSNE_FILE = "tsne.png"
 EVAL_BATCH_SIZE = 512
 
 
@@ -93,6 +94,31 @@ def evaluate(model, split, batch_size=EVAL_BATCH_SIZE):
     return report
 
 
+def sample_files(files, count, seed=0):
+    """Up to `count` images of one domain, drawn without replacement."""
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.permutation(len(files))[:count])
+    return data_utils.DomainFiles([files.paths[i] for i in chosen],
+                                  [files.labels[i] for i in chosen])
+
+
+def tsne_figure(model, split, path, per_domain=1000, seed=0):
+    """t-SNE of the shared features of source and target test images, by domain."""
+    features, domains = [], []
+    for index, domain in enumerate(data_utils.DOMAINS):
+        files = sample_files(getattr(split, domain), per_domain, seed)
+        data = data_utils.decoded_dataset(files, model.image_shape[:2],
+                                          model.image_shape[2])
+        features.append(model.features.predict(
+            data_utils.images_only(data, EVAL_BATCH_SIZE), verbose=0))
+        domains.append(np.full(len(files), index))
+    embedding = manifold.TSNE(n_components=2, init="pca", random_state=seed,
+                              perplexity=min(30.0, (len(features[0]) * 2 - 1) / 3)
+                              ).fit_transform(np.concatenate(features))
+    plots.domain_scatter(embedding, np.concatenate(domains), data_utils.DOMAINS,
+                         f"t-SNE of the features ({model.mode})", path)
+
+
 def write_report(report, model_dir, class_names, label):
     """Writes the JSON report and per-domain confusion matrices into `model_dir`."""
     data_utils.write_atomically(os.path.join(model_dir, REPORT_FILE),
@@ -115,8 +141,12 @@ def summary_table(report):
     return "\n".join(rows)
 
 
-def run(model_dir, test_dir, weights_fname=None, skip_bad_images=False):
-    """Evaluates the run in `model_dir` on `test_dir`, writes and returns the report."""
+def run(model_dir, test_dir, weights_fname=None, skip_bad_images=False, tsne=False):
+    """Evaluates the run in `model_dir` on `test_dir`, writes and returns the report.
+
+    With `tsne`, also draws tsne.png: the features of up to 1,000 test images per
+    domain.
+    """
     path = model_path(model_dir, weights_fname)
     model = load_trained_model(path)
     split = data_utils.scan_split(test_dir, model.class_names)
@@ -127,6 +157,8 @@ def run(model_dir, test_dir, weights_fname=None, skip_bad_images=False):
     with data_utils.naming_unreadable([split], channels):
         report = {"model": path, "test_dir": test_dir, "mode": model.mode,
                   "skipped_images": skipped, **evaluate(model, split)}
+        if tsne:
+            tsne_figure(model, split, os.path.join(model_dir, TSNE_FILE))
     write_report(report, model_dir, split.class_names, model.mode)
     return report
 
@@ -135,7 +167,7 @@ def main(argv):
     del argv
     try:
         report = run(FLAGS.model_dir, FLAGS.test_dir, FLAGS.weights_fname,
-                     FLAGS.skip_bad_images)
+                     FLAGS.skip_bad_images, FLAGS.tsne)
     except data_utils.UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

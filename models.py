@@ -16,8 +16,9 @@ SOURCE_DOMAIN, TARGET_DOMAIN = 0, 1
 class GradientReversal(keras.layers.Layer):
     """Identity in the forward pass; multiplies the gradient by -lambda backward.
 
-    lambda lives in a non-trainable variable, so a callback can change it between
-    steps and a compiled training function picks the new value up without a retrace.
+    lambda lives in a non-trainable variable, read each time the layer runs: the
+    training step assigns it before every step, and a compiled function sees the new
+    value without a retrace.
     """
 
     def __init__(self, initial_lambda=1.0, **kwargs):
@@ -46,6 +47,11 @@ class GradientReversal(keras.layers.Layer):
         return {**super().get_config(), "initial_lambda": self.initial_lambda}
 
 
+def training_progress(step, total_steps):
+    """p in [0, 1]: the share of the run's `total_steps` done after `step` steps."""
+    return tf.minimum(tf.cast(step, tf.float32) / float(total_steps), 1.0)
+
+
 @keras.saving.register_keras_serializable(package="dann")
 class DANNLearningRate(keras.optimizers.schedules.LearningRateSchedule):
     """The paper's annealing: lr0 / (1 + alpha p)^beta, p = step / total_steps."""
@@ -57,7 +63,7 @@ class DANNLearningRate(keras.optimizers.schedules.LearningRateSchedule):
         self.beta = float(beta)
 
     def __call__(self, step):
-        p = tf.minimum(tf.cast(step, tf.float32) / float(self.total_steps), 1.0)
+        p = training_progress(step, self.total_steps)
         return self.initial_lr / tf.pow(1.0 + self.alpha * p, self.beta)
 
     def get_config(self):
@@ -216,8 +222,7 @@ class DANN(keras.Model):
         """lambda for the coming step: the paper's schedule in `dann` mode, else 0."""
         if self.mode != "dann":
             return tf.constant(0.0)
-        p = tf.minimum(tf.cast(self.optimizer.iterations, tf.float32) / self.total_steps,
-                       1.0)
+        p = training_progress(self.optimizer.iterations, self.total_steps)
         return 2.0 / (1.0 + tf.exp(-self.gamma * p)) - 1.0
 
     def train_step(self, batch):

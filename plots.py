@@ -59,3 +59,16 @@ def confusion_matrix(matrix, class_names, title, path):
             axis.text(col, row, str(value), ha="center", va="center", fontsize=7,
                       color="white" if value > threshold else "black")
     save_figure(figure, path)
+
+
+def domain_scatter(points, domains, domain_names, title, path):
+    """A 2-D scatter of points coloured by domain (index into `domain_names`)."""
+    figure, axis = plt.subplots(figsize=(6, 6))
+    for index, name in enumerate(domain_names):
+        chosen = domains == index
+        axis.scatter(points[chosen, 0], points[chosen, 1], s=4, alpha=0.6, label=name)
+    axis.set_title(title)
+    axis.set_xticks([])
+    axis.set_yticks([])
+    axis.legend(markerscale=4)
+    save_figure(figure, path)

@@ -17,6 +17,7 @@ import re  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 
 from absl import app, flags, logging  # noqa: E402
 
@@ -113,9 +114,13 @@ class HistoryWriter(models.keras.callbacks.Callback):
         super().__init__()
         self.model_dir, self.rows = model_dir, rows
 
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started = time.perf_counter()
+
     def on_epoch_end(self, epoch, logs=None):
         row = {"epoch": epoch + 1}
         row.update({key: float(value) for key, value in (logs or {}).items()})
+        row["epoch_seconds"] = time.perf_counter() - self.started
         self.rows.append(row)
         write_history(self.model_dir, self.rows)
 

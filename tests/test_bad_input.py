@@ -3,6 +3,9 @@
 import hashlib
 import os
 import shutil
+import signal
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -10,7 +13,7 @@ import pytest
 from PIL import Image
 
 from conftest import write_split
-from test_cli import run_script
+from test_cli import REPO, run_script
 
 
 def snapshot(folder):
@@ -148,3 +151,35 @@ def test_eval_refuses_a_keras_file_from_another_program(tmp_path, tiny_data, mak
     result = run_script("eval.py", f"--model_dir={tmp_path}",
                         f"--test_dir={tiny_data}/test")
     assert_one_line_error(result, str(path), "train.py")
+
+
+def test_sigterm_saves_a_checkpoint_and_restore_finishes_the_run(tiny_data, tmp_path):
+    model_dir = str(tmp_path / "run")
+    command = [sys.executable, "-u", os.path.join(REPO, "train.py"),
+               f"--train_dir={tiny_data}/train", f"--model_dir={model_dir}",
+               "--num_epochs=100", "--batch_size=8", "--log_rate=1000"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    for line in process.stdout:
+        if line.startswith("Epoch 3/"):
+            process.send_signal(signal.SIGTERM)
+            break
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 143, stderr[-3000:]
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("stopped: SIGTERM at epoch") and "--restore_model" in last
+    saved = os.listdir(os.path.join(model_dir, "checkpoints"))
+    assert len(saved) == 1 and not os.path.exists(os.path.join(model_dir, "model.keras"))
+    resumed = run_script("train.py", f"--train_dir={tiny_data}/train",
+                         f"--model_dir={model_dir}", "--num_epochs=100",
+                         "--batch_size=8", "--log_rate=1000", "--restore_model")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    final = keras.saving.load_model(os.path.join(model_dir, "model.keras"))
+    assert int(final.optimizer.iterations.numpy()) == 100 * 6
+
+
+def test_eval_on_a_test_dir_with_other_classes(existing_run, tmp_path):
+    test_dir = write_split(tmp_path / "other", per_class=2, num_classes=2)
+    result = run_script("eval.py", f"--model_dir={existing_run}", f"--test_dir={test_dir}")
+    assert_one_line_error(result, test_dir, "missing class_2")

@@ -88,3 +88,10 @@ def test_eval_without_a_model_is_one_clear_line(tmp_path, tiny_data):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: no model at")
     assert "Traceback" not in result.stderr
+
+
+def test_eval_tsne_draws_the_features_of_both_domains(trained_run, tiny_data):
+    result = run_script("eval.py", f"--model_dir={trained_run}",
+                        f"--test_dir={tiny_data}/test", "--tsne")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert os.path.getsize(os.path.join(trained_run, "tsne.png")) > 5000
