@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,3 +96,33 @@ def test_eval_tsne_draws_the_features_of_both_domains(trained_run, tiny_data):
                         f"--test_dir={tiny_data}/test", "--tsne")
     assert result.returncode == 0, result.stderr[-3000:]
     assert os.path.getsize(os.path.join(trained_run, "tsne.png")) > 5000
+
+
+def test_paper_table_writes_the_documented_shape(tiny_data, tmp_path):
+    prefix = str(tmp_path / "table")
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "benchmarks", "paper_table.py"), "--seeds=2",
+         "--num_epochs=1", f"--data_dir={tiny_data}", f"--runs_dir={tmp_path}/runs",
+         f"--output_prefix={prefix}", "--parallel=2"],
+        capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = json.load(open(prefix + ".json"))
+    assert set(table) >= {"modes", "seeds", "num_epochs", "data", "machine", "versions",
+                          "wall_seconds"}
+    assert table["seeds"] == [0, 1] and table["num_epochs"] == 1
+    assert set(table["modes"]) == {"source_only", "dann", "target_only"}
+    for row in table["modes"].values():
+        for key in ("target_accuracy", "source_accuracy", "domain_accuracy"):
+            values = row[f"{key}_per_seed"]
+            assert len(values) == 2 and all(0 <= v <= 1 for v in values)
+        assert row["mean"] == pytest.approx(np.mean(row["target_accuracy_per_seed"]))
+        assert row["std"] == pytest.approx(np.std(row["target_accuracy_per_seed"]))
+    text = open(prefix + ".md").read()
+    assert "0.5225" in text and "0.9891" in text and "gap closed" in text
+
+
+def test_gap_closed():
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import paper_table
+
+    assert paper_table.gap_closed(0.5, 0.8, 0.9) == pytest.approx(0.75)

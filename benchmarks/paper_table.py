@@ -1,0 +1,134 @@
+"""The paper's MNIST -> MNIST-M table, reproduced over several seeds.
+
+    python benchmarks/paper_table.py [--seeds 3] [--num_epochs 30]
+
+Trains source_only, dann and target_only with the paper's network and recipe for each
+seed through the real train.py, evaluates each final model with eval.py on the test
+split (no checkpoint is chosen on it), and writes paper_table.json and paper_table.md.
+Runs go side by side, each on its own thread(s).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent import futures
+
+import numpy as np
+from absl import app, flags
+
+import bench  # this folder's benchmark; importing it puts the repository on sys.path
+
+import common_flags  # noqa: E402
+import data_utils  # noqa: E402
+
+REPO = bench.REPO
+ORDER = ("source_only", "dann", "target_only")
+PAPER = {"JMLR 2016": {"source_only": 0.5225, "dann": 0.7666, "target_only": 0.9596},
+         "ICML 2015": {"source_only": 0.5749, "dann": 0.8149, "target_only": 0.9891}}
+
+
+def run_job(data_dir, run_dir, mode, seed, num_epochs, threads):
+    """Trains one mode and seed with train.py, evaluates it, returns eval_report.json."""
+    env = dict(os.environ, TF_NUM_INTRAOP_THREADS=str(threads),
+               TF_NUM_INTEROP_THREADS=str(threads), TF_CPP_MIN_LOG_LEVEL="2")
+    model_dir = os.path.join(run_dir, f"{mode}-seed{seed}")
+    commands = [
+        ["train.py", f"--train_dir={data_dir}/train", f"--model_dir={model_dir}",
+         f"--mode={mode}", f"--num_epochs={num_epochs}", f"--seed={seed}", "--overwrite"],
+        ["eval.py", f"--model_dir={model_dir}", f"--test_dir={data_dir}/test"],
+    ]
+    for command in commands:
+        result = subprocess.run([sys.executable, os.path.join(REPO, command[0]),
+                                 *command[1:]], env=env, capture_output=True, text=True)
+        if result.returncode:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+    with open(os.path.join(model_dir, "eval_report.json")) as handle:
+        return json.load(handle)
+
+
+def summarise(reports, seeds):
+    """{"modes": {mode: per-seed accuracies, mean and std of the target accuracy}}."""
+    modes = {}
+    for mode in ORDER:
+        row = {f"{key}_per_seed": [reports[mode, seed][key] for seed in seeds]
+               for key in ("target_accuracy", "source_accuracy", "domain_accuracy")}
+        row["mean"] = float(np.mean(row["target_accuracy_per_seed"]))
+        row["std"] = float(np.std(row["target_accuracy_per_seed"]))
+        modes[mode] = row
+    return modes
+
+
+def gap_closed(source_only, dann, target_only):
+    """Share of the source-only -> target-only gap that DANN closes."""
+    return (dann - source_only) / (target_only - source_only)
+
+
+def markdown(table):
+    ours = {mode: table["modes"][mode]["mean"] for mode in ORDER}
+    lines = [
+        f"MNIST -> MNIST-M target test accuracy, mean +- std over {len(table['seeds'])} "
+        f"seeds ({table['num_epochs']} epochs; target: "
+        f"{table['data'].get('target', table['data']['path'])}).",
+        "",
+        "| method | ours | JMLR 2016 | ICML 2015 |",
+        "| --- | --- | --- | --- |",
+    ]
+    for mode in ORDER:
+        row = table["modes"][mode]
+        lines.append(f"| {mode} | {row['mean']:.4f} +- {row['std']:.4f} | "
+                     f"{PAPER['JMLR 2016'][mode]:.4f} | {PAPER['ICML 2015'][mode]:.4f} |")
+    shares = [gap_closed(*(source[mode] for mode in ORDER))
+              for source in (ours, *PAPER.values())]
+    lines.append("| gap closed by DANN | " + " | ".join(f"{s:.0%}" for s in shares) + " |")
+    lines += ["", f"Machine: {table['machine']['cpu']}, {table['machine']['cores']} "
+              f"cores; {table['wall_seconds'] / 60:.0f} minutes in all."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv):
+    del argv
+    seeds = list(range(FLAGS.seeds))
+    data_dir = FLAGS.data_dir
+    if not os.path.isdir(data_dir):
+        data_utils.build_mnist_mnistm(data_dir, cache_dir=common_flags.CACHE_DIR)
+    record = os.path.join(data_dir, "dataset.json")
+    data = {"path": data_dir}
+    if os.path.exists(record):
+        with open(record) as handle:
+            data.update(json.load(handle))
+    started = time.perf_counter()
+    jobs = {}
+    with futures.ThreadPoolExecutor(FLAGS.parallel) as pool:
+        for seed in seeds:
+            for mode in ORDER:
+                jobs[mode, seed] = pool.submit(run_job, data_dir, FLAGS.runs_dir, mode,
+                                               seed, FLAGS.num_epochs,
+                                               FLAGS.threads_per_run)
+    reports = {key: job.result() for key, job in jobs.items()}
+    table = {"modes": summarise(reports, seeds), "seeds": seeds,
+             "num_epochs": FLAGS.num_epochs, "data": data, "machine": bench.machine(),
+             "versions": bench.versions(), "wall_seconds": time.perf_counter() - started}
+    data_utils.write_atomically(f"{FLAGS.output_prefix}.json",
+                                lambda handle: json.dump(table, handle, indent=1))
+    text = markdown(table)
+    data_utils.write_atomically(f"{FLAGS.output_prefix}.md",
+                                lambda handle: handle.write(text))
+    print(text)
+
+
+if __name__ == "__main__":
+    flags.DEFINE_integer("seeds", 3, "Seeds per mode (0, 1, ...).")
+    # --num_epochs comes with common_flags; the paper's table needs the longer schedule.
+    flags.FLAGS.set_default("num_epochs", 30)
+    flags.DEFINE_string("data_dir", common_flags.DEFAULT_DATA_DIR,
+                        "MNIST -> MNIST-M folders (built here first if missing).")
+    flags.DEFINE_string("runs_dir", os.path.join(REPO, "runs", "paper_table"),
+                        "Where the runs are written.")
+    flags.DEFINE_integer("parallel", 2, "Runs side by side.")
+    flags.DEFINE_integer("threads_per_run", 1, "TensorFlow threads of each run.")
+    flags.DEFINE_string("output_prefix", os.path.join(REPO, "benchmarks", "paper_table"),
+                        "Writes PREFIX.json and PREFIX.md.")
+    FLAGS = flags.FLAGS
+    app.run(main)
