@@ -54,20 +54,29 @@ class SplitFiles:
     ignored_files: int
 
 
-def write_atomically(path, write, mode="w"):
-    """Calls `write(handle)` on a temporary file next to `path`, then renames it.
+def save_atomically(path, save):
+    """Calls `save(temporary_path)` for a temporary file next to `path`, then renames it.
 
-    A crash leaves the previous `path` (or none) intact, never half a file.
+    A crash leaves the previous `path` (or none) intact, never half a file. The
+    temporary name keeps `path`'s extension, which some writers (Keras) require.
     """
     temporary = os.path.join(os.path.dirname(path) or ".",
                              f".tmp-{os.path.basename(path)}")
     try:
-        with open(temporary, mode) as handle:
-            write(handle)
+        save(temporary)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def write_atomically(path, write, mode="w"):
+    """Calls `write(handle)` on a file that replaces `path` only once complete."""
+    def save(temporary):
+        with open(temporary, mode) as handle:
+            write(handle)
+
+    save_atomically(path, save)
 
 
 def _subfolders(path):

@@ -3,26 +3,36 @@
 import os
 
 import matplotlib
+import matplotlib.patches
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import data_utils  # noqa: E402
 
 CURVE_PANELS = (
     ("losses", ("label_loss", "domain_loss")),
     ("accuracy", ("label_accuracy", "domain_accuracy", "val_source_accuracy",
                   "val_target_accuracy", "val_domain_accuracy")),
-    ("schedules", ("lambda", "lr")),
+    ("schedules", ("lambda",)),
 )
+SECOND_AXIS = {"schedules": "lr"}  # on its own scale, or it would lie flat at ~0
 
 
 def save_figure(figure, path):
-    """Writes `figure` to `path` through a temporary file, then closes it."""
-    temporary = os.path.join(os.path.dirname(path) or ".",
-                             f".tmp-{os.path.basename(path)}")
-    figure.savefig(temporary, format="png", dpi=110, bbox_inches="tight")
+    """Writes `figure` to `path` as PNG through a temporary file, then closes it."""
+    data_utils.save_atomically(path, lambda temporary: figure.savefig(
+        temporary, format="png", dpi=110, bbox_inches="tight"))
     plt.close(figure)
-    os.replace(temporary, path)
+
+
+def _plot_column(axis, epochs, history, key, colour=None):
+    values = [row.get(key) for row in history]
+    if any(v is not None and v != "" for v in values):
+        axis.plot(epochs, [float(v) if v not in (None, "") else np.nan for v in values],
+                  marker=".", label=key, color=colour)
 
 
 def training_curves(history, path):
@@ -31,10 +41,11 @@ def training_curves(history, path):
     epochs = [row["epoch"] for row in history]
     for axis, (title, keys) in zip(axes, CURVE_PANELS):
         for key in keys:
-            values = [row.get(key) for row in history]
-            if any(v is not None and v != "" for v in values):
-                axis.plot(epochs, [float(v) if v not in (None, "") else np.nan
-                                   for v in values], marker=".", label=key)
+            _plot_column(axis, epochs, history, key)
+        if title in SECOND_AXIS:
+            second = axis.twinx()
+            _plot_column(second, epochs, history, SECOND_AXIS[title], colour="C3")
+            second.legend(fontsize=8, loc="lower right")
         axis.set_title(title)
         axis.set_xlabel("epoch")
         axis.grid(alpha=0.3)
@@ -72,3 +83,78 @@ def domain_scatter(points, domains, domain_names, title, path):
     axis.set_yticks([])
     axis.legend(markerscale=4)
     save_figure(figure, path)
+
+
+ARCHITECTURE = (
+    # (x, y, width, text, colour) of each box, in axis units.
+    (0.2, 2.0, 1.6, "image\n28x28x3\n(0-255)", "#dddddd"),
+    (2.2, 2.0, 2.0, "minus channel mean\nconv 5x5x32, ReLU\nmax-pool 2\n"
+     "conv 5x5x48, ReLU\nmax-pool 2\nflatten (768)", "#9ecae1"),
+    (4.8, 3.3, 2.0, "label classifier\nFC100, ReLU\nFC100, ReLU\nFC10", "#a1d99b"),
+    (4.8, 0.7, 2.0, "gradient reversal\nforward: identity\nbackward: -lambda x grad",
+     "#fdae6b"),
+    (7.4, 0.7, 1.8, "domain classifier\nFC100, ReLU\nFC1 (logit)", "#fc9272"),
+    (7.4, 3.3, 1.8, "class\n(source labels)", "#eeeeee"),
+    (9.7, 0.7, 1.6, "domain\nsource 0 / target 1", "#eeeeee"),
+)
+ARROWS = ((1.8, 2.0, 2.2, 2.0), (4.2, 2.4, 4.8, 3.3), (4.2, 1.6, 4.8, 0.7),
+          (6.8, 3.3, 7.4, 3.3), (6.8, 0.7, 7.4, 0.7), (9.2, 0.7, 9.7, 0.7))
+
+
+def architecture_diagram(path):
+    """Draws the DANN network: shared features, label head, GRL and domain head."""
+    figure, axis = plt.subplots(figsize=(12, 4.2))
+    for x, y, width, text, colour in ARCHITECTURE:
+        height = max(1.1, 0.22 * (text.count("\n") + 1) + 0.2)
+        axis.add_patch(matplotlib.patches.FancyBboxPatch(
+            (x, y - height / 2), width, height, boxstyle="round,pad=0.05", facecolor=colour,
+            edgecolor="black"))
+        axis.text(x + width / 2, y, text, ha="center", va="center", fontsize=8.5)
+    for x0, y0, x1, y1 in ARROWS:
+        axis.annotate("", xy=(x1, y1), xytext=(x0, y0),
+                      arrowprops={"arrowstyle": "->", "lw": 1.5})
+    axis.text(5.8, -0.25, "features learn to fool the domain classifier", ha="center",
+              fontsize=8.5, style="italic")
+    axis.set_xlim(0, 11.5)
+    axis.set_ylim(-0.5, 4.2)
+    axis.axis("off")
+    axis.set_title("DANN (Ganin & Lempitsky 2015), the MNIST network")
+    save_figure(figure, path)
+
+
+def sample_grid(split, path, per_class=2, seed=0):
+    """Source images above target images of the same classes, from a scanned split."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for domain in data_utils.DOMAINS:
+        files = getattr(split, domain)
+        labels = np.asarray(files.labels)
+        tiles = []
+        for label in range(len(split.class_names)):
+            for index in rng.choice(np.flatnonzero(labels == label), per_class,
+                                    replace=False):
+                with Image.open(files.paths[index]) as image:
+                    tiles.append(np.asarray(image.convert("RGB").resize((28, 28))))
+        rows.append(np.concatenate(tiles, axis=1))
+    figure, axis = plt.subplots(figsize=(len(rows[0][0]) / 40, 1.6))
+    axis.imshow(np.concatenate(rows, axis=0))
+    axis.set_yticks([14, 42], ["source", "target"])
+    axis.set_xticks([])
+    axis.set_title("Training images, two per class: source (top), target (bottom)",
+                   fontsize=9)
+    save_figure(figure, path)
+
+
+def main():
+    """Draws the README's figures in img/: the architecture and a sample grid."""
+    import common_flags
+
+    folder = os.path.join(common_flags.REPO_DIR, "img")
+    os.makedirs(folder, exist_ok=True)
+    architecture_diagram(os.path.join(folder, "architecture.png"))
+    train_dir = os.path.join(common_flags.DEFAULT_DATA_DIR, "train")
+    sample_grid(data_utils.scan_split(train_dir), os.path.join(folder, "samples.png"))
+
+
+if __name__ == "__main__":
+    main()

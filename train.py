@@ -40,28 +40,32 @@ CHECKPOINT_PATTERN = re.compile(r"^ckpt-(\d+)\.keras$")
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Everything a training run depends on; the flags map onto it one to one."""
+    """Everything a training run depends on.
+
+    The flags map onto it one to one, and their defaults in common_flags.py are its
+    defaults.
+    """
 
     train_dir: str
     model_dir: str
     val_dir: str = None
-    mode: str = "dann"
-    num_epochs: int = 30
-    batch_size: int = 64
-    lr: float = 0.01
-    momentum: float = 0.9
-    lr_alpha: float = 10.0
-    lr_beta: float = 0.75
-    gamma: float = 10.0
-    img_width: int = 28
-    img_height: int = 28
-    img_mode: str = "rgb"
-    seed: int = 0
-    log_rate: int = 5
+    mode: str = FLAGS["mode"].default
+    num_epochs: int = FLAGS["num_epochs"].default
+    batch_size: int = FLAGS["batch_size"].default
+    lr: float = FLAGS["lr"].default
+    momentum: float = FLAGS["momentum"].default
+    lr_alpha: float = FLAGS["lr_alpha"].default
+    lr_beta: float = FLAGS["lr_beta"].default
+    gamma: float = FLAGS["gamma"].default
+    img_width: int = FLAGS["img_width"].default
+    img_height: int = FLAGS["img_height"].default
+    img_mode: str = FLAGS["img_mode"].default
+    seed: int = FLAGS["seed"].default
+    log_rate: int = FLAGS["log_rate"].default
     restore_model: bool = False
     overwrite: bool = False
     skip_bad_images: bool = False
-    steps_per_execution: int = 1
+    steps_per_execution: int = FLAGS["steps_per_execution"].default
     verbose: int = 1
 
     @property
@@ -88,10 +92,8 @@ def latest_checkpoint(model_dir):
 
 
 def save_model_atomically(model, path):
-    """Saves a `.keras` file through a temporary name, so a crash never leaves half."""
-    temporary = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}")
-    model.save(temporary)
-    os.replace(temporary, path)
+    """Saves a `.keras` file (weights, optimiser state, step) through a temporary name."""
+    data_utils.save_atomically(path, model.save)
 
 
 class PeriodicCheckpoint(models.keras.callbacks.Callback):

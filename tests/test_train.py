@@ -119,6 +119,7 @@ def test_sigint_saves_a_checkpoint_and_resuming_gives_the_uninterrupted_weights(
     train.run(_config(tiny_data, tmp_path / "full"))
     interrupted = tmp_path / "interrupted"
     original = train.StopGuard.on_train_batch_end
+    handler_before = signal.getsignal(signal.SIGINT)
 
     def interrupt_at_step_9(self, batch, logs=None):
         if int(self.model.optimizer.iterations.numpy()) == 9:
@@ -127,10 +128,10 @@ def test_sigint_saves_a_checkpoint_and_resuming_gives_the_uninterrupted_weights(
 
     monkeypatch.setattr(train.StopGuard, "on_train_batch_end", interrupt_at_step_9)
     with pytest.raises(train.TrainingStopped, match="SIGINT at epoch 2, step 9") as stop:
-        train.run(_config(tiny_data, interrupted))
+        train.run(_config(tiny_data, interrupted, steps_per_execution=1))
     assert stop.value.exit_code == 130
     monkeypatch.undo()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) == handler_before
     assert os.path.exists(train.checkpoint_path(str(interrupted), 9))
     assert not os.path.exists(interrupted / "model.keras")
     history = train.run(_config(tiny_data, interrupted, restore_model=True))
