@@ -29,10 +29,13 @@ def save_figure(figure, path):
 
 
 def _plot_column(axis, epochs, history, key, colour=None):
+    """Plots one history column where it has values; says whether it had any."""
     values = [row.get(key) for row in history]
-    if any(v is not None and v != "" for v in values):
+    present = any(v is not None and v != "" for v in values)
+    if present:
         axis.plot(epochs, [float(v) if v not in (None, "") else np.nan for v in values],
                   marker=".", label=key, color=colour)
+    return present
 
 
 def training_curves(history, path):
@@ -44,8 +47,8 @@ def training_curves(history, path):
             _plot_column(axis, epochs, history, key)
         if title in SECOND_AXIS:
             second = axis.twinx()
-            _plot_column(second, epochs, history, SECOND_AXIS[title], colour="C3")
-            second.legend(fontsize=8, loc="lower right")
+            if _plot_column(second, epochs, history, SECOND_AXIS[title], colour="C3"):
+                second.legend(fontsize=8, loc="lower right")
         axis.set_title(title)
         axis.set_xlabel("epoch")
         axis.grid(alpha=0.3)
