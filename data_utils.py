@@ -1,4 +1,5 @@
-"""Two-domain image folders: scanning, validation and the tf.data input pipeline.
+"""Two-domain image folders: scanning, validation, the tf.data input pipeline, and
+building the MNIST -> MNIST-M data set (`python data_utils.py --output_dir DIR`).
 
 A split folder holds `source/<class>/*` and `target/<class>/*`; class folders are
 matched by name across domains and splits and sorted, so a class's index is the same
