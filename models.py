@@ -215,8 +215,7 @@ class DANN(keras.Model):
         self.accuracies["label_accuracy"].update_state(
             _accuracy(batch["labels"], class_logits))
         self.accuracies["domain_accuracy"].update_state(
-            tf.cast(tf.equal(tf.cast(domain_logits > 0, tf.float32), domain_labels),
-                    tf.float32))
+            _domain_accuracy(domain_logits, domain_labels))
 
     def adaptation_factor(self):
         """lambda for the coming step: the paper's schedule in `dann` mode, else 0."""
@@ -250,9 +249,8 @@ class DANN(keras.Model):
         is_target = tf.cast(batch["domains"], tf.float32)
         self.accuracies["source_accuracy"].update_state(correct, 1.0 - is_target)
         self.accuracies["target_accuracy"].update_state(correct, is_target)
-        predicted = tf.cast(outputs["domain_logits"][:, 0] > 0, tf.float32)
         self.accuracies["domain_accuracy"].update_state(
-            tf.cast(tf.equal(predicted, is_target), tf.float32))
+            _domain_accuracy(outputs["domain_logits"][:, 0], is_target))
         return {name: self.accuracies[name].result()
                 for name in ("source_accuracy", "target_accuracy", "domain_accuracy")}
 
@@ -272,6 +270,12 @@ class DANN(keras.Model):
 def _accuracy(labels, logits):
     predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)
     return tf.cast(tf.equal(predicted, tf.cast(labels, tf.int32)), tf.float32)
+
+
+def _domain_accuracy(domain_logits, is_target):
+    """1.0 where the domain logit's sign (> 0: target) matches `is_target` (0/1)."""
+    predicted = tf.cast(domain_logits > 0, tf.float32)
+    return tf.cast(tf.equal(predicted, is_target), tf.float32)
 
 
 def build_dann(input_shape, num_classes, mean, mode, total_steps, lr=0.01,
