@@ -29,11 +29,29 @@ PAPER = {"JMLR 2016": {"source_only": 0.5225, "dann": 0.7666, "target_only": 0.9
          "ICML 2015": {"source_only": 0.5749, "dann": 0.8149, "target_only": 0.9891}}
 
 
-def run_job(data_dir, run_dir, mode, seed, num_epochs, threads):
+def finished_report(model_dir, num_epochs, test_dir):
+    """The eval report of a run that trained all `num_epochs` and was evaluated on
+    `test_dir` after its last epoch, else None."""
+    paths = [os.path.join(model_dir, name)
+             for name in ("history.json", "model.keras", "eval_report.json")]
+    if not all(os.path.exists(path) for path in paths):
+        return None
+    with open(paths[0]) as history, open(paths[2]) as report_file:
+        epochs, report = len(json.load(history)), json.load(report_file)
+    evaluated_last = os.path.getmtime(paths[2]) >= os.path.getmtime(paths[1])
+    same_test = os.path.abspath(report["test_dir"]) == os.path.abspath(test_dir)
+    return report if epochs == num_epochs and evaluated_last and same_test else None
+
+
+def run_job(data_dir, run_dir, mode, seed, num_epochs, threads, reuse_finished=False):
     """Trains one mode and seed with train.py, evaluates it, returns eval_report.json."""
+    model_dir = os.path.join(run_dir, f"{mode}-seed{seed}")
+    if reuse_finished:
+        report = finished_report(model_dir, num_epochs, f"{data_dir}/test")
+        if report is not None:
+            return report
     env = dict(os.environ, TF_NUM_INTRAOP_THREADS=str(threads),
                TF_NUM_INTEROP_THREADS=str(threads), TF_CPP_MIN_LOG_LEVEL="2")
-    model_dir = os.path.join(run_dir, f"{mode}-seed{seed}")
     commands = [
         ["train.py", f"--train_dir={data_dir}/train", f"--model_dir={model_dir}",
          f"--mode={mode}", f"--num_epochs={num_epochs}", f"--seed={seed}", "--overwrite"],
@@ -46,6 +64,13 @@ def run_job(data_dir, run_dir, mode, seed, num_epochs, threads):
             raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
     with open(os.path.join(model_dir, "eval_report.json")) as handle:
         return json.load(handle)
+
+
+def commit():
+    """The repository's git commit, or None outside a git checkout."""
+    result = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True,
+                            text=True)
+    return result.stdout.strip() or None
 
 
 def summarise(reports, seeds):
@@ -105,11 +130,13 @@ def main(argv):
             for mode in ORDER:
                 jobs[mode, seed] = pool.submit(run_job, data_dir, FLAGS.runs_dir, mode,
                                                seed, FLAGS.num_epochs,
-                                               FLAGS.threads_per_run)
+                                               FLAGS.threads_per_run,
+                                               FLAGS.reuse_finished)
     reports = {key: job.result() for key, job in jobs.items()}
     table = {"modes": summarise(reports, seeds), "seeds": seeds,
              "num_epochs": FLAGS.num_epochs, "data": data, "machine": bench.machine(),
-             "versions": bench.versions(), "wall_seconds": time.perf_counter() - started}
+             "versions": bench.versions(), "commit": commit(),
+             "wall_seconds": time.perf_counter() - started}
     data_utils.write_atomically(f"{FLAGS.output_prefix}.json",
                                 lambda handle: json.dump(table, handle, indent=1))
     text = markdown(table)
@@ -128,6 +155,9 @@ if __name__ == "__main__":
                         "Where the runs are written.")
     flags.DEFINE_integer("parallel", 2, "Runs side by side.")
     flags.DEFINE_integer("threads_per_run", 1, "TensorFlow threads of each run.")
+    flags.DEFINE_boolean("reuse_finished", False, "Keep runs in --runs_dir that trained "
+                         "all epochs and were evaluated on this test split (to resume an "
+                         "interrupted table) instead of training them again.")
     flags.DEFINE_string("output_prefix", os.path.join(REPO, "benchmarks", "paper_table"),
                         "Writes PREFIX.json and PREFIX.md.")
     FLAGS = flags.FLAGS

@@ -120,6 +120,17 @@ def test_paper_table_writes_the_documented_shape(tiny_data, tmp_path):
     text = open(prefix + ".md").read()
     assert "0.5225" in text and "0.9891" in text and "gap closed" in text
 
+    model = tmp_path / "runs" / "dann-seed1" / "model.keras"
+    trained_at = model.stat().st_mtime_ns
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "benchmarks", "paper_table.py"), "--seeds=2",
+         "--num_epochs=1", f"--data_dir={tiny_data}", f"--runs_dir={tmp_path}/runs",
+         f"--output_prefix={prefix}-again", "--reuse_finished"],
+        capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert model.stat().st_mtime_ns == trained_at
+    assert json.load(open(prefix + "-again.json"))["modes"] == table["modes"]
+
 
 def test_gap_closed():
     sys.path.insert(0, os.path.join(REPO, "benchmarks"))
