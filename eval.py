@@ -28,6 +28,9 @@ flags.adopt_module_key_flags(common_flags)
 REPORT_FILE = "eval_report.json"
 TSNE_FILE = "tsne.png"
 EVAL_BATCH_SIZE = 512
+# Keras's predict spends much of a small network's time between calls; several
+# batches per compiled call roughly doubled evaluation speed on 2 CPU cores.
+EVAL_STEPS_PER_CALL = 8
 
 
 def model_path(model_dir, weights_fname=None):
@@ -55,14 +58,15 @@ def load_trained_model(path):
         raise data_utils.UserError(
             f"{path} holds a {type(model).__name__}, not a DANN model: pass a .keras "
             "file written by train.py")
+    model.steps_per_execution = EVAL_STEPS_PER_CALL
     return model
 
 
 def predict_domain(model, files, batch_size=EVAL_BATCH_SIZE):
     """Class predictions and domain probabilities for the images of one domain."""
-    size = model.image_shape[:2]
-    data = data_utils.decoded_dataset(files, size, model.image_shape[2])
-    outputs = model.predict(data_utils.images_only(data, batch_size), verbose=0)
+    batches = data_utils.image_batches(files, model.image_shape[:2],
+                                       model.image_shape[2], batch_size)
+    outputs = model.predict(batches, verbose=0)
     return (np.argmax(outputs["class_logits"], axis=-1),
             outputs["domain_logits"][:, 0] > 0)
 
@@ -107,10 +111,9 @@ def tsne_figure(model, split, path, per_domain=1000, seed=0):
     features, domains = [], []
     for index, domain in enumerate(data_utils.DOMAINS):
         files = sample_files(getattr(split, domain), per_domain, seed)
-        data = data_utils.decoded_dataset(files, model.image_shape[:2],
-                                          model.image_shape[2])
-        features.append(model.features.predict(
-            data_utils.images_only(data, EVAL_BATCH_SIZE), verbose=0))
+        batches = data_utils.image_batches(files, model.image_shape[:2],
+                                           model.image_shape[2], EVAL_BATCH_SIZE)
+        features.append(model.features.predict(batches, verbose=0))
         domains.append(np.full(len(files), index))
     embedding = manifold.TSNE(n_components=2, init="pca", random_state=seed,
                               perplexity=min(30.0, (len(features[0]) * 2 - 1) / 3)

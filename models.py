@@ -309,13 +309,15 @@ def build_dann(input_shape, num_classes, mean, mode, total_steps, lr=0.01,
 def channel_mean(batches):
     """Per-channel mean of uint8/float pixel batches, scaled to [0, 1].
 
-    Sums in float64 per batch: a float32 running sum over tens of millions of pixels
-    stops growing and gives a wrong mean.
+    Integer pixels are summed exactly in int64, others in float64: a float32 running
+    sum over tens of millions of pixels stops growing and gives a wrong mean.
     """
     total, count = None, 0
     for images in batches:
-        images = np.asarray(images, dtype=np.float64)
-        sums = images.reshape(-1, images.shape[-1]).sum(axis=0)
+        images = np.asarray(images)
+        exact = np.issubdtype(images.dtype, np.integer)
+        sums = images.reshape(-1, images.shape[-1]).sum(
+            axis=0, dtype=np.int64 if exact else np.float64)
         total = sums if total is None else total + sums
         count += images.size // images.shape[-1]
     if not count:

@@ -112,9 +112,9 @@ class PeriodicCheckpoint(models.keras.callbacks.Callback):
 class HistoryWriter(models.keras.callbacks.Callback):
     """Rewrites history.csv/json (and the curves at the end) after every epoch."""
 
-    def __init__(self, model_dir, rows):
+    def __init__(self, model_dir, rows, run_started):
         super().__init__()
-        self.model_dir, self.rows = model_dir, rows
+        self.model_dir, self.rows, self.run_started = model_dir, rows, run_started
 
     def on_epoch_begin(self, epoch, logs=None):
         self.started = time.perf_counter()
@@ -122,7 +122,10 @@ class HistoryWriter(models.keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         row = {"epoch": epoch + 1}
         row.update({key: float(value) for key, value in (logs or {}).items()})
-        row["epoch_seconds"] = time.perf_counter() - self.started
+        now = time.perf_counter()
+        row["epoch_seconds"] = now - self.started
+        # From the start of this process's run: loading, decoding and tracing included.
+        row["run_seconds"] = now - self.run_started
         self.rows.append(row)
         write_history(self.model_dir, self.rows)
 
@@ -293,6 +296,7 @@ def run(config, flags_file_text=None):
         UserError: bad input (folders, flags that do not match a resumed run).
         TrainingStopped: a signal or a non-finite loss stopped training.
     """
+    run_started = time.perf_counter()
     check_model_dir(config)
     models.keras.utils.set_random_seed(config.seed)
     train, source, target = load_split(config.train_dir, config)
@@ -336,7 +340,7 @@ def run(config, flags_file_text=None):
                 guard,
                 models.ScheduleLogger(),
                 PeriodicCheckpoint(config.model_dir, config.log_rate, config.num_epochs),
-                HistoryWriter(config.model_dir, history),
+                HistoryWriter(config.model_dir, history, run_started),
                 models.keras.callbacks.TensorBoard(
                     os.path.join(config.model_dir, "logs")),
             ]

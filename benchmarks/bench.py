@@ -1,9 +1,11 @@
 """Speed and memory of dann-keras on this machine; prints a table, writes results.json.
 
-    python benchmarks/bench.py            # full: ~4 minutes on 2 cores
-    python benchmarks/bench.py --quick    # under 3 minutes; no full build or memory
+    python benchmarks/bench.py            # full data set: ~4 minutes on 2 cores
+    python benchmarks/bench.py --quick    # 20,480 + 20,480 images; under 3 minutes;
+                                          # no full build or full-data memory figure
 
 Everything runs with the model and batch of a real run (64 + 64, the paper's network).
+The training path is the real train.py, in a child process, for 3 epochs.
 """
 
 import os
@@ -35,17 +37,28 @@ FLAGS = flags.FLAGS
 BATCH = 64
 
 
+def _random_images(count):
+    rng = np.random.default_rng(0)
+    return tf.constant(rng.integers(0, 256, (count, 28, 28, 3)), tf.uint8)
+
+
+def _images_per_second(step, images_per_step, steps):
+    for _ in range(10):
+        step().numpy()
+    started = time.perf_counter()
+    for _ in range(steps):
+        result = step()
+    result.numpy()
+    return images_per_step * steps / (time.perf_counter() - started)
+
+
 def bare_step_images_per_second(steps):
     """The ceiling: one GradientTape and the SGD update on tensors already in memory."""
     model = models.DANN((28, 28, 3), 10, [0.5, 0.5, 0.5], total_steps=10_000)
     model.grl.lambda_.assign(1.0)
     optimizer = keras.optimizers.SGD(learning_rate=0.01, momentum=0.9)
-    rng = np.random.default_rng(0)
-    batch = {"source_images": tf.constant(rng.integers(0, 256, (BATCH, 28, 28, 3)),
-                                          tf.uint8),
-             "target_images": tf.constant(rng.integers(0, 256, (BATCH, 28, 28, 3)),
-                                          tf.uint8),
-             "labels": tf.constant(rng.integers(0, 10, BATCH), tf.int32)}
+    batch = {"source_images": _random_images(BATCH), "target_images": _random_images(BATCH),
+             "labels": tf.constant(np.arange(BATCH) % 10, tf.int32)}
     weights = model.trainable_weights
 
     @tf.function
@@ -56,30 +69,43 @@ def bare_step_images_per_second(steps):
         optimizer.apply(tape.gradient(loss, weights), weights)
         return loss
 
-    for _ in range(10):
-        step().numpy()
-    started = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    loss.numpy()
-    return 2 * BATCH * steps / (time.perf_counter() - started)
+    return _images_per_second(step, 2 * BATCH, steps)
+
+
+def forward_images_per_second(steps):
+    """The evaluation ceiling: the network's forward pass on eval.py's batches in memory."""
+    model = models.DANN((28, 28, 3), 10, [0.5, 0.5, 0.5], total_steps=10_000)
+    images = _random_images(evaluation.EVAL_BATCH_SIZE)
+
+    @tf.function
+    def step():
+        return model(images, training=False)["class_logits"]
+
+    return _images_per_second(step, evaluation.EVAL_BATCH_SIZE, steps)
 
 
 def train_path(data_dir, work_dir, epochs):
-    """Images/s of train.run: first epoch with decoding (cold), later epochs (warm)."""
-    config = train.TrainConfig(train_dir=os.path.join(data_dir, "train"),
-                               model_dir=os.path.join(work_dir, "run"),
-                               num_epochs=epochs, verbose=0)
-    started = time.perf_counter()
-    history = train.run(config)
-    total = time.perf_counter() - started
-    split = data_utils.scan_split(config.train_dir)
+    """Runs train.py in a child process on `data_dir`.
+
+    Returns:
+        (cold, warm, peak RSS in MB, run folder). Cold is the images of epoch 1 over
+        the time from the start of training to the end of epoch 1 (scanning, decoding,
+        the channel-mean pass, building and tracing included; Python's start and
+        imports not); warm is the mean over the later epochs, data already cached.
+    """
+    model_dir = os.path.join(work_dir, "run")
+    subprocess.run([sys.executable, os.path.join(REPO, "train.py"),
+                    f"--train_dir={data_dir}/train", f"--model_dir={model_dir}",
+                    f"--num_epochs={epochs}"], check=True, capture_output=True)
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    with open(os.path.join(model_dir, train.HISTORY_JSON)) as handle:
+        history = json.load(handle)
+    split = data_utils.scan_split(os.path.join(data_dir, "train"))
     images = 2 * BATCH * data_utils.steps_per_epoch(len(split.source), len(split.target),
                                                     BATCH)
-    seconds = [row["epoch_seconds"] for row in history]
-    setup = total - sum(seconds)  # scanning, decoding and the channel-mean pass
-    return (images / (setup + seconds[0]), images / float(np.mean(seconds[1:])),
-            config.model_dir)
+    warm_seconds = float(np.mean([row["epoch_seconds"] for row in history[1:]]))
+    return (images / history[0]["run_seconds"], images / warm_seconds, peak_rss_mb,
+            model_dir)
 
 
 def eval_path(model_dir, test_dir):
@@ -97,14 +123,6 @@ def build_seconds(output_dir, **limits):
     data_utils.build_mnist_mnistm(output_dir, cache_dir=common_flags.CACHE_DIR,
                                   log=lambda message: None, **limits)
     return time.perf_counter() - started
-
-
-def peak_training_rss_mb(data_dir, work_dir):
-    """Max RSS of a one-epoch train.py run on `data_dir`, in a child process."""
-    subprocess.run([sys.executable, os.path.join(REPO, "train.py"),
-                    f"--train_dir={data_dir}/train", f"--model_dir={work_dir}/rss",
-                    "--num_epochs=1"], check=True, capture_output=True)
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
 def versions():
@@ -126,23 +144,24 @@ def main(argv):
     del argv
     quick = FLAGS.quick
     results = {"quick": quick, "machine": machine(), "versions": versions()}
+    results["bare_step_img_per_s"] = bare_step_images_per_second(100 if quick else 400)
+    results["forward_img_per_s"] = forward_images_per_second(20 if quick else 80)
     with tempfile.TemporaryDirectory() as work_dir:
-        results["bare_step_img_per_s"] = bare_step_images_per_second(100 if quick else 400)
-        subset = os.path.join(work_dir, "subset")
-        # 64 x 2**k images per domain: the epoch's step count divides by the default
-        # 16 steps per compiled call, as the full set's 938 steps divide by 14.
-        size = 5_120 if quick else 20_480
-        build_seconds(subset, num_train=size, num_test=size // 10)
-        cold, warm, model_dir = train_path(subset, work_dir, 3)
-        results["train_cold_img_per_s"], results["train_warm_img_per_s"] = cold, warm
-        results["eval_img_per_s"] = eval_path(model_dir, os.path.join(subset, "test"))
-        results["data_build_s"] = results["peak_rss_mb"] = None
-        if not quick:
-            full = os.path.join(work_dir, "full")
-            results["data_build_s"] = build_seconds(full)
-            results["peak_rss_mb"] = peak_training_rss_mb(full, work_dir)
+        data_dir = os.path.join(work_dir, "data")
+        if quick:
+            # 64 x 2**k images per domain: 320 steps an epoch, 16 steps per call.
+            build_seconds(data_dir, num_train=20_480, num_test=5_120)
+        build = None if quick else build_seconds(data_dir)
+        cold, warm, peak_rss_mb, model_dir = train_path(data_dir, work_dir, 3)
+        results.update(train_cold_img_per_s=cold, train_warm_img_per_s=warm,
+                       eval_img_per_s=eval_path(model_dir, os.path.join(data_dir, "test")),
+                       data_build_s=build, peak_rss_mb=None if quick else peak_rss_mb)
     results["ratio_warm_to_bare"] = (results["train_warm_img_per_s"]
                                      / results["bare_step_img_per_s"])
+    results["ratio_cold_to_bare"] = (results["train_cold_img_per_s"]
+                                     / results["bare_step_img_per_s"])
+    results["ratio_eval_to_warm"] = (results["eval_img_per_s"]
+                                     / results["train_warm_img_per_s"])
     data_utils.write_atomically(FLAGS.results, lambda handle: json.dump(
         results, handle, indent=1))
     for key, value in results.items():

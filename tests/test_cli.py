@@ -137,3 +137,20 @@ def test_gap_closed():
     import paper_table
 
     assert paper_table.gap_closed(0.5, 0.8, 0.9) == pytest.approx(0.75)
+
+
+def test_evaluation_predicts_what_the_model_computes_image_by_image(trained_run,
+                                                                    tiny_data):
+    import data_utils
+    import eval as evaluation
+
+    model = evaluation.load_trained_model(os.path.join(trained_run, "model.keras"))
+    files = data_utils.scan_split(os.path.join(tiny_data, "test")).target
+    # 24 images in batches of 2, 8 batches per call: two full calls and a partial one.
+    predicted, says_target = evaluation.predict_domain(model, files, batch_size=2)
+    images = np.stack([data_utils.decode_image(path, (28, 28), 3).numpy()
+                       for path in files.paths])
+    outputs = model(images, training=False)
+    np.testing.assert_array_equal(predicted,
+                                  np.argmax(outputs["class_logits"], axis=-1))
+    np.testing.assert_array_equal(says_target, outputs["domain_logits"][:, 0] > 0)

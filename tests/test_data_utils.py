@@ -71,6 +71,32 @@ def test_grayscale_source_is_repeated_to_three_channels(tiny_data):
     np.testing.assert_array_equal(image[..., 0], image[..., 2])
 
 
+def _decoded_one_by_one(files, image_size):
+    return np.stack([data_utils.decode_image(path, image_size, 3).numpy()
+                     for path in files.paths])
+
+
+@pytest.mark.parametrize("image_size", [(28, 28), (20, 24)])
+def test_batched_decoding_keeps_file_order_and_labels(tiny_data, monkeypatch,
+                                                      image_size):
+    monkeypatch.setattr(data_utils, "DECODE_BATCH", 5)  # 48 files: a partial last batch
+    files = data_utils.scan_split(os.path.join(tiny_data, "train")).source
+    decoded = list(data_utils.decoded_dataset(files, image_size, 3).as_numpy_iterator())
+    expected = _decoded_one_by_one(files, image_size)
+    np.testing.assert_array_equal(np.stack([image for image, _ in decoded]), expected)
+    assert [int(label) for _, label in decoded] == files.labels
+    batches = list(data_utils.image_batches(files, image_size, 3, 7).as_numpy_iterator())
+    assert [len(batch) for batch in batches] == [7] * 6 + [6]
+    np.testing.assert_array_equal(np.concatenate(batches), expected)
+
+
+def test_images_of_the_requested_size_are_not_resampled(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (28, 28, 3), dtype=np.uint8)
+    path = str(tmp_path / "image.png")
+    tf.io.write_file(path, tf.io.encode_png(pixels))
+    np.testing.assert_array_equal(data_utils.decode_image(path, (28, 28), 3), pixels)
+
+
 def _domains(split):
     return [(data_utils.decoded_dataset(files, (28, 28), 3), len(files))
             for files in (split.source, split.target)]

@@ -112,6 +112,10 @@ def test_history_records_the_schedules_and_validation(tiny_data, tmp_path):
         assert key in history[-1], key
     assert 0 < history[0]["lambda"] < history[1]["lambda"] < 1
     assert history[0]["lr"] > history[1]["lr"]
+    first, second = history
+    # run_seconds counts the setup before epoch 1 as well as the epochs.
+    assert first["run_seconds"] > first["epoch_seconds"] > 0
+    assert second["run_seconds"] >= first["run_seconds"] + second["epoch_seconds"]
 
 
 def test_sigint_saves_a_checkpoint_and_resuming_gives_the_uninterrupted_weights(
