@@ -1,6 +1,7 @@
 """Speed and memory of dann-keras on this machine; prints a table, writes results.json.
 
-    python benchmarks/bench.py            # full data set: ~4 minutes on 2 cores
+    python benchmarks/bench.py            # full data set and TensorFlow settings:
+                                          # ~6 minutes on 2 cores
     python benchmarks/bench.py --quick    # 20,480 + 20,480 images; under 3 minutes;
                                           # no full build or full-data memory figure
 
@@ -52,16 +53,20 @@ def _images_per_second(step, images_per_step, steps):
     return images_per_step * steps / (time.perf_counter() - started)
 
 
-def bare_step_images_per_second(steps):
+def _in_memory_batch():
+    return {"source_images": _random_images(BATCH), "target_images": _random_images(BATCH),
+            "labels": tf.constant(np.arange(BATCH) % 10, tf.int32)}
+
+
+def bare_step_images_per_second(steps, jit_compile=False):
     """The ceiling: one GradientTape and the SGD update on tensors already in memory."""
     model = models.DANN((28, 28, 3), 10, [0.5, 0.5, 0.5], total_steps=10_000)
     model.grl.lambda_.assign(1.0)
     optimizer = keras.optimizers.SGD(learning_rate=0.01, momentum=0.9)
-    batch = {"source_images": _random_images(BATCH), "target_images": _random_images(BATCH),
-             "labels": tf.constant(np.arange(BATCH) % 10, tf.int32)}
+    batch = _in_memory_batch()
     weights = model.trainable_weights
 
-    @tf.function
+    @tf.function(jit_compile=jit_compile)
     def step():
         with tf.GradientTape() as tape:
             label_loss, domain_loss, *_ = model._forward(batch, training=True)
@@ -82,6 +87,43 @@ def forward_images_per_second(steps):
         return model(images, training=False)["class_logits"]
 
     return _images_per_second(step, evaluation.EVAL_BATCH_SIZE, steps)
+
+
+def fit_images_per_second(steps_per_execution, steps=320):
+    """Keras fit() of the DANN model on one batch held in memory (no input pipeline)."""
+    model = models.build_dann((28, 28, 3), 10, [0.5, 0.5, 0.5], "dann", 10 * steps,
+                              steps_per_execution=steps_per_execution)
+    data = tf.data.Dataset.from_tensors(_in_memory_batch()).repeat()
+    model.fit(data, steps_per_epoch=steps, verbose=0, shuffle=False)  # traces the step
+    started = time.perf_counter()
+    model.fit(data, steps_per_epoch=steps, verbose=0, shuffle=False)
+    return 2 * BATCH * steps / (time.perf_counter() - started)
+
+
+VARIANTS = {  # name: environment of the child process that measures it
+    "default (oneDNN on, 2 threads)": {},
+    "oneDNN off": {"TF_ENABLE_ONEDNN_OPTS": "0"},
+    "1 TensorFlow thread": {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"},
+}
+
+
+def variant_figures():
+    """Images/s of this process's settings: bare step with and without XLA, fit()."""
+    return {"bare_step": bare_step_images_per_second(300),
+            "bare_step_xla": bare_step_images_per_second(300, jit_compile=True),
+            "fit_1_step_per_call": fit_images_per_second(1),
+            "fit_16_steps_per_call": fit_images_per_second(16)}
+
+
+def measure_variants():
+    """Each of VARIANTS in a fresh process (TensorFlow reads these settings at start)."""
+    figures = {}
+    for name, env in VARIANTS.items():
+        result = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--variant_child"],
+            env=dict(os.environ, **env), check=True, capture_output=True, text=True)
+        figures[name] = json.loads(result.stdout.strip().splitlines()[-1])
+    return figures
 
 
 def train_path(data_dir, work_dir, epochs):
@@ -142,6 +184,9 @@ def machine():
 
 def main(argv):
     del argv
+    if FLAGS.variant_child:
+        print(json.dumps(variant_figures()))
+        return
     quick = FLAGS.quick
     results = {"quick": quick, "machine": machine(), "versions": versions()}
     results["bare_step_img_per_s"] = bare_step_images_per_second(100 if quick else 400)
@@ -156,6 +201,7 @@ def main(argv):
         results.update(train_cold_img_per_s=cold, train_warm_img_per_s=warm,
                        eval_img_per_s=eval_path(model_dir, os.path.join(data_dir, "test")),
                        data_build_s=build, peak_rss_mb=None if quick else peak_rss_mb)
+    results["variants"] = None if quick else measure_variants()
     results["ratio_warm_to_bare"] = (results["train_warm_img_per_s"]
                                      / results["bare_step_img_per_s"])
     results["ratio_cold_to_bare"] = (results["train_cold_img_per_s"]
@@ -169,6 +215,9 @@ def main(argv):
             print(f"{key:24s} {value:12.2f}")
         elif not isinstance(value, dict):
             print(f"{key:24s} {value!s:>12}")
+    for name, figures in (results["variants"] or {}).items():
+        print(f"{name}: " + ", ".join(f"{key} {value:,.0f}" for key, value in
+                                      figures.items()) + " img/s")
     print(f"machine: {results['machine']['cpu']}, {results['machine']['cores']} cores")
     print(f"Wrote {FLAGS.results}")
 
@@ -176,6 +225,8 @@ def main(argv):
 if __name__ == "__main__":
     flags.DEFINE_boolean("quick", False, "Smaller data, fewer steps; skips the full "
                          "data build and the full-data memory figure (written as null).")
+    flags.DEFINE_boolean("variant_child", False, "Internal: print the TensorFlow "
+                         "settings' figures of this process as JSON.")
     flags.DEFINE_string("results", os.path.join(REPO, "benchmarks", "results.json"),
                         "Where to write the figures.")
     app.run(main)
