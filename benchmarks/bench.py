@@ -1,7 +1,7 @@
 """Speed and memory of dann-keras on this machine; prints a table, writes results.json.
 
     python benchmarks/bench.py            # full data set and TensorFlow settings:
-                                          # ~6 minutes on 2 cores
+                                          # ~10 minutes on 2 cores
     python benchmarks/bench.py --quick    # 20,480 + 20,480 images; under 3 minutes;
                                           # no full build or full-data memory figure
 
