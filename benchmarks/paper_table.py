@@ -22,6 +22,8 @@ import bench  # this folder's benchmark; importing it puts the repository on sys
 
 import common_flags  # noqa: E402
 import data_utils  # noqa: E402
+import eval as evaluation  # noqa: E402
+import train  # noqa: E402
 
 REPO = bench.REPO
 ORDER = ("source_only", "dann", "target_only")
@@ -32,8 +34,8 @@ PAPER = {"JMLR 2016": {"source_only": 0.5225, "dann": 0.7666, "target_only": 0.9
 def finished_report(model_dir, num_epochs, test_dir):
     """The eval report of a run that trained all `num_epochs` and was evaluated on
     `test_dir` after its last epoch, else None."""
-    paths = [os.path.join(model_dir, name)
-             for name in ("history.json", "model.keras", "eval_report.json")]
+    paths = [os.path.join(model_dir, name) for name in
+             (train.HISTORY_JSON, train.FINAL_MODEL, evaluation.REPORT_FILE)]
     if not all(os.path.exists(path) for path in paths):
         return None
     with open(paths[0]) as history, open(paths[2]) as report_file:
@@ -62,7 +64,7 @@ def run_job(data_dir, run_dir, mode, seed, num_epochs, threads, reuse_finished=F
                                  *command[1:]], env=env, capture_output=True, text=True)
         if result.returncode:
             raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
-    with open(os.path.join(model_dir, "eval_report.json")) as handle:
+    with open(os.path.join(model_dir, evaluation.REPORT_FILE)) as handle:
         return json.load(handle)
 
 

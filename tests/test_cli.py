@@ -11,10 +11,10 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_script(script, *args):
+def run_script(script, *args, timeout=600):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     return subprocess.run([sys.executable, os.path.join(REPO, script), *args],
-                          capture_output=True, text=True, env=env, timeout=600)
+                          capture_output=True, text=True, env=env, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -100,11 +100,13 @@ def test_eval_tsne_draws_the_features_of_both_domains(trained_run, tiny_data):
 
 def test_paper_table_writes_the_documented_shape(tiny_data, tmp_path):
     prefix = str(tmp_path / "table")
-    result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "benchmarks", "paper_table.py"), "--seeds=2",
-         "--num_epochs=1", f"--data_dir={tiny_data}", f"--runs_dir={tmp_path}/runs",
-         f"--output_prefix={prefix}", "--parallel=2"],
-        capture_output=True, text=True, timeout=900)
+
+    def paper_table(output_prefix, *extra):
+        return run_script("benchmarks/paper_table.py", "--seeds=2", "--num_epochs=1",
+                          f"--data_dir={tiny_data}", f"--runs_dir={tmp_path}/runs",
+                          f"--output_prefix={output_prefix}", *extra, timeout=900)
+
+    result = paper_table(prefix, "--parallel=2")
     assert result.returncode == 0, result.stderr[-3000:]
     table = json.load(open(prefix + ".json"))
     assert set(table) >= {"modes", "seeds", "num_epochs", "data", "machine", "versions",
@@ -122,11 +124,7 @@ def test_paper_table_writes_the_documented_shape(tiny_data, tmp_path):
 
     model = tmp_path / "runs" / "dann-seed1" / "model.keras"
     trained_at = model.stat().st_mtime_ns
-    result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "benchmarks", "paper_table.py"), "--seeds=2",
-         "--num_epochs=1", f"--data_dir={tiny_data}", f"--runs_dir={tmp_path}/runs",
-         f"--output_prefix={prefix}-again", "--reuse_finished"],
-        capture_output=True, text=True, timeout=900)
+    result = paper_table(f"{prefix}-again", "--reuse_finished")
     assert result.returncode == 0, result.stderr[-3000:]
     assert model.stat().st_mtime_ns == trained_at
     assert json.load(open(prefix + "-again.json"))["modes"] == table["modes"]
