@@ -128,8 +128,9 @@ def main(argv):
     started = time.perf_counter()
     jobs = {}
     with futures.ThreadPoolExecutor(FLAGS.parallel) as pool:
-        for seed in seeds:
-            for mode in ORDER:
+        # DANN's runs first: the row the table exists for is known soonest.
+        for mode in sorted(ORDER, key=lambda mode: mode != "dann"):
+            for seed in seeds:
                 jobs[mode, seed] = pool.submit(run_job, data_dir, FLAGS.runs_dir, mode,
                                                seed, FLAGS.num_epochs,
                                                FLAGS.threads_per_run,
