@@ -236,11 +236,13 @@ def naming_unreadable(splits, channels):
         raise
 
 
-def decoded_dataset(files, image_size, channels):
-    """A cached dataset of (uint8 image, int32 label) in file order.
+def decoded_batches(files, image_size, channels):
+    """A cached dataset of (uint8 images, int32 labels) batches in file order.
 
-    Decoding runs in parallel, a batch of files at a time; the decoded images are
-    cached in memory, so only the first pass reads the files.
+    Decoding runs in parallel, DECODE_BATCH files at a time; the decoded batches are
+    cached in memory, so only the first pass reads the files. Caching whole batches
+    rather than single images keeps tf.data's per-element cost off the pass that
+    fills the cache; `.unbatch()` gives the images one by one.
     """
     labels = tf.constant(files.labels, tf.int32)
     dataset = tf.data.Dataset.from_tensor_slices((files.paths, labels)).batch(
@@ -248,7 +250,7 @@ def decoded_dataset(files, image_size, channels):
     dataset = dataset.map(
         lambda paths, labels: (decode_images(paths, image_size, channels), labels),
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return dataset.unbatch().cache()
+    return dataset.cache()
 
 
 def image_batches(files, image_size, channels, batch_size):
@@ -278,7 +280,7 @@ def training_dataset(source, target, labelled_domain, batch_size, seed,
     sees. Only the labels of `labelled_domain` enter the batches.
 
     Args:
-        source, target: `(decoded_dataset, number of images)` of each domain.
+        source, target: `(decoded_batches, number of images)` of each domain.
         labelled_domain: "source" (dann, source_only) or "target" (target_only).
         batch_size: images per domain per step.
         seed: the run's seed.
@@ -290,9 +292,10 @@ def training_dataset(source, target, labelled_domain, batch_size, seed,
     streams = []
     for index, (data, size) in enumerate((source, target)):
         if DOMAINS[index] != labelled_domain:
-            data = data.map(lambda image, label: (image, tf.constant(-1)))
-        shuffled = data.shuffle(size, seed=seed * 2 + index,
-                                reshuffle_each_iteration=True).repeat()
+            data = data.map(lambda images, labels: (images, tf.fill(tf.shape(labels),
+                                                                    -1)))
+        shuffled = data.unbatch().shuffle(size, seed=seed * 2 + index,
+                                          reshuffle_each_iteration=True).repeat()
         streams.append(shuffled.skip(skip_steps * batch_size).batch(
             batch_size, drop_remainder=True))
 
@@ -304,19 +307,15 @@ def training_dataset(source, target, labelled_domain, batch_size, seed,
     return tf.data.Dataset.zip(tuple(streams)).map(to_batch).prefetch(tf.data.AUTOTUNE)
 
 
-def evaluation_dataset(source_data, target_data, batch_size):
-    """Both domains in one stream of `images`, `labels`, `domains` (0 / 1) batches."""
+def evaluation_dataset(source_batches, target_batches, batch_size):
+    """Both domains' `decoded_batches` in one stream of `images`, `labels`, `domains`
+    (0 / 1) batches of `batch_size`."""
     def tag(domain):
-        return lambda image, label: {"images": image, "labels": label,
-                                     "domains": tf.constant(domain, tf.int32)}
+        return lambda images, labels: {"images": images, "labels": labels,
+                                       "domains": tf.fill(tf.shape(labels), domain)}
 
-    stream = source_data.map(tag(0)).concatenate(target_data.map(tag(1)))
-    return stream.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-
-
-def images_only(dataset, batch_size):
-    """Batches of images of a (image, label) dataset, for computing statistics."""
-    return dataset.map(lambda image, label: image).batch(batch_size)
+    stream = source_batches.map(tag(0)).concatenate(target_batches.map(tag(1)))
+    return stream.rebatch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
 # ---------------------------------------------------------------------------

@@ -307,19 +307,21 @@ def build_dann(input_shape, num_classes, mean, mode, total_steps, lr=0.01,
 
 
 def channel_mean(batches):
-    """Per-channel mean of uint8/float pixel batches, scaled to [0, 1].
+    """Per-channel mean of uint8/float pixel batches (arrays, tensors), scaled to [0, 1].
 
     Integer pixels are summed exactly in int64, others in float64: a float32 running
-    sum over tens of millions of pixels stops growing and gives a wrong mean.
+    sum over tens of millions of pixels stops growing and gives a wrong mean. Each
+    batch is summed by TensorFlow, so the pass costs little beside decoding.
     """
     total, count = None, 0
     for images in batches:
-        images = np.asarray(images)
-        exact = np.issubdtype(images.dtype, np.integer)
-        sums = images.reshape(-1, images.shape[-1]).sum(
-            axis=0, dtype=np.int64 if exact else np.float64)
+        images = tf.convert_to_tensor(images)
+        pixel_axes = list(range(images.shape.rank - 1))
+        sums = tf.reduce_sum(
+            tf.cast(images, tf.int64 if images.dtype.is_integer else tf.float64),
+            axis=pixel_axes).numpy()
         total = sums if total is None else total + sums
-        count += images.size // images.shape[-1]
+        count += int(np.prod(images.shape[:-1]))
     if not count:
         raise ValueError("no images to compute the channel mean from")
     return (total / count / 255.0).tolist()

@@ -10,7 +10,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import csv  # noqa: E402  (TensorFlow's log level must be set before it loads)
 import dataclasses  # noqa: E402
 import glob  # noqa: E402
-import itertools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
@@ -196,7 +195,7 @@ def prepare_model_dir(config):
 
 
 def load_split(split_dir, config, class_names=None):
-    """Scans a split and returns (SplitFiles, cached source data, cached target data)."""
+    """Scans a split and returns (SplitFiles, source and target `decoded_batches`)."""
     split = data_utils.scan_split(split_dir, class_names)
     if split.ignored_files:
         logging.info("%s: ignored %d files that are not images", split_dir,
@@ -204,8 +203,8 @@ def load_split(split_dir, config, class_names=None):
     if config.skip_bad_images:
         split, dropped = data_utils.without_unreadable(split, config.channels)
         logging.info("%s: skipped %d unreadable images", split_dir, dropped)
-    source = data_utils.decoded_dataset(split.source, config.image_size, config.channels)
-    target = data_utils.decoded_dataset(split.target, config.image_size, config.channels)
+    source = data_utils.decoded_batches(split.source, config.image_size, config.channels)
+    target = data_utils.decoded_batches(split.target, config.image_size, config.channels)
     return split, source, target
 
 
@@ -314,9 +313,8 @@ def run(config, flags_file_text=None):
         if config.restore_model:
             model = restore(config, total_steps)
         else:
-            mean = models.channel_mean(itertools.chain.from_iterable(
-                data_utils.images_only(d, 1024).as_numpy_iterator()
-                for d in (source, target)))
+            mean = models.channel_mean(
+                images for data in (source, target) for images, _ in data)
             model = models.build_dann(
                 (*config.image_size, config.channels), len(train.class_names), mean,
                 config.mode, total_steps, config.lr, config.momentum, config.lr_alpha,

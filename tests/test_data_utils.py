@@ -54,10 +54,10 @@ def test_scan_split_requires_the_training_classes(tmp_path):
         data_utils.scan_split(root, ["class_0", "class_1", "class_2"])
 
 
-def test_decoded_dataset_gives_uint8_images_of_the_requested_shape(tiny_data):
+def test_decoded_batches_give_uint8_images_of_the_requested_shape(tiny_data):
     split = data_utils.scan_split(os.path.join(tiny_data, "train"))
     for channels in (1, 3):
-        data = data_utils.decoded_dataset(split.source, (20, 24), channels)
+        data = data_utils.decoded_batches(split.source, (20, 24), channels).unbatch()
         image, label = next(iter(data))
         assert image.dtype == tf.uint8 and image.shape == (20, 24, channels)
         assert int(label) == 0
@@ -65,7 +65,7 @@ def test_decoded_dataset_gives_uint8_images_of_the_requested_shape(tiny_data):
 
 def test_grayscale_source_is_repeated_to_three_channels(tiny_data):
     split = data_utils.scan_split(os.path.join(tiny_data, "train"))
-    image, _ = next(iter(data_utils.decoded_dataset(split.source, (28, 28), 3)))
+    image, _ = next(iter(data_utils.decoded_batches(split.source, (28, 28), 3).unbatch()))
     image = image.numpy()
     np.testing.assert_array_equal(image[..., 0], image[..., 1])
     np.testing.assert_array_equal(image[..., 0], image[..., 2])
@@ -81,10 +81,12 @@ def test_batched_decoding_keeps_file_order_and_labels(tiny_data, monkeypatch,
                                                       image_size):
     monkeypatch.setattr(data_utils, "DECODE_BATCH", 5)  # 48 files: a partial last batch
     files = data_utils.scan_split(os.path.join(tiny_data, "train")).source
-    decoded = list(data_utils.decoded_dataset(files, image_size, 3).as_numpy_iterator())
+    decoded = list(data_utils.decoded_batches(files, image_size, 3).as_numpy_iterator())
+    assert [len(labels) for _, labels in decoded] == [5] * 9 + [3]
     expected = _decoded_one_by_one(files, image_size)
-    np.testing.assert_array_equal(np.stack([image for image, _ in decoded]), expected)
-    assert [int(label) for _, label in decoded] == files.labels
+    np.testing.assert_array_equal(np.concatenate([images for images, _ in decoded]),
+                                  expected)
+    assert np.concatenate([labels for _, labels in decoded]).tolist() == files.labels
     batches = list(data_utils.image_batches(files, image_size, 3, 7).as_numpy_iterator())
     assert [len(batch) for batch in batches] == [7] * 6 + [6]
     np.testing.assert_array_equal(np.concatenate(batches), expected)
@@ -98,7 +100,7 @@ def test_images_of_the_requested_size_are_not_resampled(tmp_path):
 
 
 def _domains(split):
-    return [(data_utils.decoded_dataset(files, (28, 28), 3), len(files))
+    return [(data_utils.decoded_batches(files, (28, 28), 3), len(files))
             for files in (split.source, split.target)]
 
 
@@ -139,6 +141,18 @@ def test_every_image_appears_once_per_pass(tiny_data):
     batches = _take(data_utils.training_dataset(source, target, "source", 8, 0), 6)
     labels = np.concatenate([b["labels"] for b in batches])
     assert np.bincount(labels).tolist() == [16, 16, 16]
+
+
+def test_evaluation_stream_tags_domains_across_decode_batches(tiny_data, monkeypatch):
+    monkeypatch.setattr(data_utils, "DECODE_BATCH", 5)  # 48 files a domain: 10 batches
+    split = data_utils.scan_split(os.path.join(tiny_data, "train"))
+    (source, _), (target, _) = _domains(split)
+    batches = _take(data_utils.evaluation_dataset(source, target, 7), 100)
+    assert [len(b["labels"]) for b in batches] == [7] * 13 + [5]
+    domains = np.concatenate([b["domains"] for b in batches])
+    assert domains.tolist() == [0] * 48 + [1] * 48
+    labels = np.concatenate([b["labels"] for b in batches])
+    assert labels.tolist() == split.source.labels + split.target.labels
 
 
 def test_steps_per_epoch_covers_the_larger_domain():

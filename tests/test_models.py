@@ -79,6 +79,8 @@ def test_channel_mean_is_exact_over_many_batches():
     batches.append(rng.integers(0, 256, (10, 28, 28, 3), dtype=np.uint8))
     expected = np.concatenate(batches).reshape(-1, 3).astype(np.float64).mean(0) / 255
     np.testing.assert_allclose(models.channel_mean(batches), expected, rtol=1e-12)
+    as_tensors = [tf.constant(batch) for batch in batches]
+    assert models.channel_mean(as_tensors) == models.channel_mean(batches)
 
 
 def test_channel_mean_does_not_saturate_where_float32_would():
