@@ -117,10 +117,12 @@ def test_paper_table_writes_the_documented_shape(tiny_data, tmp_path):
         for key in ("target_accuracy", "source_accuracy", "domain_accuracy"):
             values = row[f"{key}_per_seed"]
             assert len(values) == 2 and all(0 <= v <= 1 for v in values)
+        assert all(seconds > 0 for seconds in row["training_seconds_per_seed"])
         assert row["mean"] == pytest.approx(np.mean(row["target_accuracy_per_seed"]))
         assert row["std"] == pytest.approx(np.std(row["target_accuracy_per_seed"]))
     text = open(prefix + ".md").read()
     assert "0.5225" in text and "0.9891" in text and "gap closed" in text
+    assert "2 at a time" in text
 
     model = tmp_path / "runs" / "dann-seed1" / "model.keras"
     trained_at = model.stat().st_mtime_ns
