@@ -6,7 +6,7 @@
                                           # no full build or full-data memory figure
 
 Everything runs with the model and batch of a real run (64 + 64, the paper's network).
-The training path is the real train.py, in a child process, for 3 epochs.
+The training path is the real train.py, in a child process, for 4 epochs (3 with --quick).
 """
 
 import os
