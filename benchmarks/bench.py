@@ -51,14 +51,14 @@ def _images_per_second(step, images_per_step, steps, windows=5):
     """
     for _ in range(10):
         step().numpy()
+    steps_per_window = max(1, steps // windows)
     rates = []
     for _ in range(windows):
         started = time.perf_counter()
-        for _ in range(max(1, steps // windows)):
+        for _ in range(steps_per_window):
             result = step()
         result.numpy()
-        rates.append(images_per_step * max(1, steps // windows)
-                     / (time.perf_counter() - started))
+        rates.append(images_per_step * steps_per_window / (time.perf_counter() - started))
     return float(np.median(rates))
 
 
@@ -198,7 +198,8 @@ def main(argv):
         return
     quick = FLAGS.quick
     results = {"quick": quick, "machine": machine(), "versions": versions()}
-    bare_before = bare_step_images_per_second(100 if quick else 400)
+    bare_steps = 100 if quick else 400
+    bare_before = bare_step_images_per_second(bare_steps)
     results["forward_img_per_s"] = forward_images_per_second(20 if quick else 80)
     with tempfile.TemporaryDirectory() as work_dir:
         data_dir = os.path.join(work_dir, "data")
@@ -212,7 +213,7 @@ def main(argv):
                        eval_img_per_s=eval_path(model_dir, os.path.join(data_dir, "test")),
                        data_build_s=build, peak_rss_mb=None if quick else peak_rss_mb)
     # The ceiling measured on both sides of the training run, which it is compared to.
-    bare_after = bare_step_images_per_second(100 if quick else 400)
+    bare_after = bare_step_images_per_second(bare_steps)
     results["bare_step_img_per_s"] = (bare_before + bare_after) / 2
     results["bare_step_before_after"] = [bare_before, bare_after]
     results["variants"] = None if quick else measure_variants()

@@ -45,9 +45,14 @@ def finished_report(model_dir, num_epochs, test_dir):
     return report if epochs == num_epochs and evaluated_last and same_test else None
 
 
+def run_folder(runs_dir, mode, seed):
+    """The run folder of one mode and seed inside `runs_dir`."""
+    return os.path.join(runs_dir, f"{mode}-seed{seed}")
+
+
 def run_job(data_dir, run_dir, mode, seed, num_epochs, threads, reuse_finished=False):
     """Trains one mode and seed with train.py, evaluates it, returns eval_report.json."""
-    model_dir = os.path.join(run_dir, f"{mode}-seed{seed}")
+    model_dir = run_folder(run_dir, mode, seed)
     if reuse_finished:
         report = finished_report(model_dir, num_epochs, f"{data_dir}/test")
         if report is not None:
@@ -89,8 +94,7 @@ def summarise(reports, seeds, runs_dir):
         row = {f"{key}_per_seed": [reports[mode, seed][key] for seed in seeds]
                for key in ("target_accuracy", "source_accuracy", "domain_accuracy")}
         row["training_seconds_per_seed"] = [
-            training_seconds(os.path.join(runs_dir, f"{mode}-seed{seed}"))
-            for seed in seeds]
+            training_seconds(run_folder(runs_dir, mode, seed)) for seed in seeds]
         row["mean"] = float(np.mean(row["target_accuracy_per_seed"]))
         row["std"] = float(np.std(row["target_accuracy_per_seed"]))
         modes[mode] = row
