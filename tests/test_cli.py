@@ -154,3 +154,11 @@ def test_evaluation_predicts_what_the_model_computes_image_by_image(trained_run,
     np.testing.assert_array_equal(predicted,
                                   np.argmax(outputs["class_logits"], axis=-1))
     np.testing.assert_array_equal(says_target, outputs["domain_logits"][:, 0] > 0)
+
+
+def test_bench_measures_evaluation_and_its_decoding_alone(trained_run, tiny_data):
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import bench
+
+    evaluate, decode = bench.eval_path(trained_run, os.path.join(tiny_data, "test"))
+    assert 0 < evaluate < np.inf and 0 < decode < np.inf
