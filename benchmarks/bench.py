@@ -102,7 +102,8 @@ def fit_images_per_second(steps_per_execution, steps=320):
     """Keras fit() of the DANN model on one batch held in memory (no input pipeline)."""
     model = models.build_dann((28, 28, 3), 10, [0.5, 0.5, 0.5], "dann", 10 * steps,
                               steps_per_execution=steps_per_execution)
-    data = tf.data.Dataset.from_tensors(_in_memory_batch()).repeat()
+    data = data_utils.without_autotune_thread(
+        tf.data.Dataset.from_tensors(_in_memory_batch()).repeat())
     model.fit(data, steps_per_epoch=steps, verbose=0, shuffle=False)  # traces the step
     started = time.perf_counter()
     model.fit(data, steps_per_epoch=steps, verbose=0, shuffle=False)

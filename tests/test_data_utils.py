@@ -173,3 +173,16 @@ def test_write_atomically_keeps_the_old_file_when_writing_fails(tmp_path):
         data_utils.write_atomically(path, failing)
     assert open(path).read() == "old"
     assert os.listdir(tmp_path) == ["report.json"]
+
+
+def test_no_pipeline_runs_tf_data_autotuning(tiny_data):
+    split = data_utils.scan_split(os.path.join(tiny_data, "train"))
+    decoded = data_utils.decoded_batches(split.source, (28, 28), 3)
+    pipelines = [
+        decoded,
+        data_utils.image_batches(split.target, (28, 28), 3, 8),
+        data_utils.training_dataset((decoded, 48), (decoded, 48), "source", 8, seed=0),
+        data_utils.evaluation_dataset(decoded, decoded, 8),
+    ]
+    for dataset in pipelines:
+        assert dataset.options().autotune.enabled is False
