@@ -1,124 +1,192 @@
-"""Every command-line flag of dann-keras, with its help text and validator.
+"""Every command-line flag of dann-keras: its default, help text and rule.
 
-Defaults follow Ganin & Lempitsky (2015/2016); edit them here.
+Defaults follow Ganin & Lempitsky (2015/2016); edit them here. The settings are plain
+data grouped by command: each script defines its own groups as absl flags (`define`),
+and a configuration built in code (`config_class`) is checked by the same rules.
+Importing this module defines no flag and loads no TensorFlow.
 """
 
+import dataclasses
 import os
+import sys
 
 from absl import flags
 
-import models
+from file_utils import UserError
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA_DIR = os.path.join(REPO_DIR, "data", "mnist_mnistm")
 DEFAULT_MODEL_DIR = os.path.join(REPO_DIR, "runs", "dann")
 CACHE_DIR = os.path.join(REPO_DIR, "data", "cache")
+NOT_RECORDED = ("restore_model", "overwrite")  # flags.txt replays a run, not these
+RULES = {  # name: (test, what the error message says the value must be)
+    "positive": (lambda value: value >= 1, "must be a positive integer"),
+    "at least 0": (lambda value: value >= 0, "must be zero or positive"),
+    "above 0": (lambda value: value > 0, "must be positive"),
+    "momentum": (lambda value: 0 <= value < 1, "must be in [0, 1)"),
+}
 
-# Data.
-flags.DEFINE_string(
-    "train_dir", os.path.join(DEFAULT_DATA_DIR, "train"),
-    "Training split: a folder with source/<class>/ and target/<class>/ images.")
-flags.DEFINE_string(
-    "val_dir", None,
-    "Optional split evaluated after every epoch (source, target and domain "
-    "accuracy). Used for logging only, never for choosing a checkpoint.")
-flags.DEFINE_string(
-    "test_dir", os.path.join(DEFAULT_DATA_DIR, "test"),
-    "Split that eval.py evaluates.")
-flags.DEFINE_integer("img_width", 28, "Image width; other sizes are resized.")
-flags.DEFINE_integer("img_height", 28, "Image height; other sizes are resized.")
-flags.DEFINE_boolean(
-    "skip_bad_images", False,
-    "Leave out image files that cannot be decoded (counted in the log) instead of "
-    "stopping with an error that names the first one.")
-flags.DEFINE_enum(
-    "img_mode", "rgb", ["rgb", "grayscale"],
-    "Channels the images are read with; grayscale sources are repeated to 3 "
-    "channels in rgb mode.")
 
-# Building MNIST -> MNIST-M (data_utils.py; train.py uses them when it builds the
-# default data set).
-flags.DEFINE_string("output_dir", DEFAULT_DATA_DIR,
-                    "data_utils.py: folder to write the MNIST -> MNIST-M data set into.")
-flags.DEFINE_string(
-    "mnist_path", None,
-    "Folder of LeCun's MNIST IDX files (.gz or not) or a Keras mnist.npz. Default: "
-    "Keras's cached or downloaded copy, else the copy shipped on PyPI.")
-flags.DEFINE_string(
-    "mnistm_path", None,
-    "The official MNIST-M release (the mnist_m folder or mnist_m.tar.gz) to use as "
-    "the target instead of generating it.")
-flags.DEFINE_string(
-    "backgrounds", None,
-    "Photos for generating MNIST-M: a folder of colour images or BSDS500's "
-    "BSR_bsds500.tgz (its training photos, as in the paper). Default: the 11 colour "
-    "photos shipped with scikit-image and scikit-learn.")
-flags.DEFINE_integer("num_train", 0, "Keep the first N training digits (0: all 60,000).")
-flags.DEFINE_integer("num_test", 0, "Keep the first N test digits (0: all 10,000).")
-flags.DEFINE_boolean(
-    "binarize", False,
-    "Binarise digits (pixel > 0 -> 255) before blending, as the widely used MNIST-M "
-    "re-creation script does; default: blend the grayscale digit, as the paper states.")
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One flag: its type is its default's (str where the default is None)."""
 
-# Run.
-flags.DEFINE_string(
-    "model_dir", DEFAULT_MODEL_DIR,
-    "Folder holding the whole record of a run: flags, checkpoints, history, logs, "
-    "figures and evaluation reports.")
-flags.DEFINE_enum(
-    "mode", "dann", list(models.MODES),
-    "dann: adversarial adaptation; source_only: same network without the domain "
-    "loss (lower bound); target_only: trained on target labels (upper bound).")
-flags.DEFINE_integer(
-    "num_epochs", 20,
-    "Training epochs (passes over the larger domain); the schedules span all of them. "
-    "20 keeps the default MNIST -> MNIST-M run near 10 minutes on 2 CPU cores.")
-flags.DEFINE_integer("batch_size", 64, "Images per domain per step (the paper: 64 + 64).")
-flags.DEFINE_integer(
-    "steps_per_execution", 16,
-    "Training steps Keras runs per compiled call. Larger values cut Python overhead; "
-    "results are identical, since lambda and the learning rate are computed from "
-    "the step counter inside each step. Progress, Ctrl-C and NaN checks happen "
-    "between calls.")
-flags.DEFINE_integer("seed", 0, "Random seed of weights and data order.")
-flags.DEFINE_integer("log_rate", 5, "Epochs between checkpoints (the last epoch is "
-                     "always saved).")
-flags.DEFINE_boolean(
-    "restore_model", False,
-    "Resume the run in --model_dir from its latest checkpoint; the learning-rate and "
-    "lambda schedules continue where they stopped.")
-flags.DEFINE_boolean(
-    "overwrite", False,
-    "Replace the run already in --model_dir (without it, train.py refuses to start "
-    "there), or the data set in --output_dir (data_utils.py).")
-flags.DEFINE_boolean(
-    "tsne", False,
-    "eval.py: also draw tsne.png, a t-SNE of the features of 1,000 source and 1,000 "
-    "target test images coloured by domain.")
-flags.DEFINE_string(
-    "weights_fname", None,
-    "eval.py: checkpoint to evaluate, a path or a file name inside --model_dir "
-    "(default: model.keras).")
+    default: object
+    help: str
+    rule: str = None  # a key of RULES
+    choices: tuple = ()
 
-# Optimisation.
-flags.DEFINE_float("lr", 0.01, "Initial learning rate lr0.")
-flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
-flags.DEFINE_float("lr_alpha", 10.0, "alpha in lr0 / (1 + alpha p)^beta.")
-flags.DEFINE_float("lr_beta", 0.75, "beta in lr0 / (1 + alpha p)^beta.")
-flags.DEFINE_float("gamma", 10.0, "gamma in lambda = 2 / (1 + exp(-gamma p)) - 1.")
 
-for _name in ("num_epochs", "batch_size", "log_rate", "img_width", "img_height",
-              "steps_per_execution"):
-    flags.register_validator(_name, lambda value: value is not None and value >= 1,
-                             message=f"--{_name} must be a positive integer")
-for _name in ("num_train", "num_test"):
-    flags.register_validator(_name, lambda value: value is not None and value >= 0,
-                             message=f"--{_name} must be zero (all) or positive")
-for _name in ("lr", "lr_alpha", "lr_beta", "gamma"):
-    flags.register_validator(_name, lambda value: value is not None and value >= 0,
-                             message=f"--{_name} must be zero or positive")
-flags.register_validator("lr", lambda value: value > 0, message="--lr must be positive")
-flags.register_validator("momentum", lambda value: 0 <= value < 1,
-                         message="--momentum must be in [0, 1)")
+MODEL_DIR = Setting(DEFAULT_MODEL_DIR, "Folder holding the whole record of a run: flags, "
+                    "checkpoints, history, logs, figures and evaluation reports.")
+SKIP_BAD_IMAGES = Setting(False, "Leave out image files that cannot be decoded "
+                          "(counted in the log) instead of stopping with an error that "
+                          "names the first one.")
+DATA = {
+    "train_dir": Setting(os.path.join(DEFAULT_DATA_DIR, "train"), "Training split: a "
+                         "folder with source/<class>/ and target/<class>/ images."),
+    "val_dir": Setting(None, "Optional split evaluated after every epoch (source, target "
+                       "and domain accuracy), for logging only, never for choosing a "
+                       "checkpoint."),
+    "img_width": Setting(28, "Image width; other sizes are resized.", "positive"),
+    "img_height": Setting(28, "Image height; other sizes are resized.", "positive"),
+    "img_mode": Setting("rgb", "Channels the images are read with; grayscale sources "
+                        "are repeated to 3 channels in rgb mode.",
+                        choices=("rgb", "grayscale")),
+    "skip_bad_images": SKIP_BAD_IMAGES,
+}
+RUN = {
+    "model_dir": MODEL_DIR,
+    "mode": Setting("dann", "dann: adversarial adaptation; source_only: same network "
+                    "without the domain loss (lower bound); target_only: trained on "
+                    "target labels (upper bound).",
+                    choices=("dann", "source_only", "target_only")),
+    "num_epochs": Setting(20, "Training epochs (passes over the larger domain); the "
+                          "schedules span all of them. 20 keeps the default run near 10 "
+                          "minutes on 2 CPU cores; 40 gives the paper table's result.",
+                          "positive"),
+    "batch_size": Setting(64, "Images per domain per step (the paper: 64 + 64).",
+                          "positive"),
+    "steps_per_execution": Setting(
+        16, "Training steps Keras runs per compiled call: fewer Python round trips, "
+        "identical results (lambda and the learning rate come from the step counter "
+        "inside each step). Progress, Ctrl-C and NaN checks happen between calls.",
+        "positive"),
+    "seed": Setting(0, "Random seed of weights and data order."),
+    "log_rate": Setting(5, "Epochs between checkpoints (the last epoch is always saved).",
+                        "positive"),
+    "restore_model": Setting(False, "Resume the run in --model_dir from its latest "
+                             "checkpoint; the learning-rate and lambda schedules "
+                             "continue where they stopped."),
+    "overwrite": Setting(False, "Replace the run already in --model_dir (without it, "
+                         "train.py refuses to start there)."),
+}
+OPTIMISATION = {
+    "lr": Setting(0.01, "Initial learning rate lr0.", "above 0"),
+    "momentum": Setting(0.9, "SGD momentum.", "momentum"),
+    "lr_alpha": Setting(10.0, "alpha in lr0 / (1 + alpha p)^beta.", "at least 0"),
+    "lr_beta": Setting(0.75, "beta in lr0 / (1 + alpha p)^beta.", "at least 0"),
+    "gamma": Setting(10.0, "gamma in lambda = 2 / (1 + exp(-gamma p)) - 1.", "at least 0"),
+}
+TRAIN = {**DATA, **RUN, **OPTIMISATION}
+EVAL = {
+    "model_dir": MODEL_DIR,
+    "test_dir": Setting(os.path.join(DEFAULT_DATA_DIR, "test"), "Split to evaluate: a "
+                        "folder with source/<class>/ and target/<class>/ images."),
+    "weights_fname": Setting(None, "Checkpoint to evaluate, a path or a file name inside "
+                             "--model_dir (default: model.keras)."),
+    "skip_bad_images": SKIP_BAD_IMAGES,
+    "tsne": Setting(False, "Also draw tsne.png, a t-SNE of the features of 1,000 source "
+                    "and 1,000 target test images coloured by domain."),
+}
+BUILD = {
+    "output_dir": Setting(DEFAULT_DATA_DIR, "Folder to write the data set into."),
+    "mnist_path": Setting(None, "Folder of LeCun's MNIST IDX files (.gz or not) or a "
+                          "Keras mnist.npz. Default: Keras's cached or downloaded copy, "
+                          "else the copy shipped on PyPI."),
+    "mnistm_path": Setting(None, "The official MNIST-M release (the mnist_m folder or "
+                           "mnist_m.tar.gz) to use as the target instead of generating "
+                           "it."),
+    "backgrounds": Setting(None, "Photos for generating MNIST-M: a folder of colour "
+                           "images or BSDS500's BSR_bsds500.tgz (its training photos, as "
+                           "in the paper). Default: the 11 colour photos shipped with "
+                           "scikit-image and scikit-learn."),
+    "num_train": Setting(0, "Keep the first N training digits (0: all 60,000).",
+                         "at least 0"),
+    "num_test": Setting(0, "Keep the first N test digits (0: all 10,000).", "at least 0"),
+    "seed": Setting(0, "Seed of the photo and crop choices."),
+    "binarize": Setting(False, "Binarise digits (pixel > 0 -> 255) before blending, as "
+                        "the widely used MNIST-M re-creation script does; default: blend "
+                        "the grayscale digit, as the paper states."),
+    "overwrite": Setting(False, "Replace the data set already in --output_dir."),
+}
 
-FLAGS = flags.FLAGS
+
+def problem(setting, value):
+    """What `value` breaks of the setting's type, choices or rule ("must be ..."), or
+    None."""
+    types = {bool: (bool,), int: (int,), float: (int, float)}.get(
+        type(setting.default), (str, type(None)))
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        return f"must be {' or '.join(kind.__name__ for kind in types)}, not {value!r}"
+    if setting.choices and value not in setting.choices:
+        return f"must be one of {', '.join(setting.choices)}, not {value!r}"
+    test, says = RULES.get(setting.rule, (None, ""))
+    return f"{says}, not {value!r}" if test and not test(value) else None
+
+
+def define(settings, flag_values=flags.FLAGS):
+    """Defines `settings` ({name: Setting}) as absl flags, each checked by `problem`."""
+    for name, setting in settings.items():
+        if setting.choices:
+            flags.DEFINE_enum(name, setting.default, setting.choices, setting.help,
+                              flag_values=flag_values)
+        else:
+            define_flag = {bool: flags.DEFINE_boolean, int: flags.DEFINE_integer,
+                           float: flags.DEFINE_float}.get(type(setting.default),
+                                                          flags.DEFINE_string)
+            define_flag(name, setting.default, setting.help, flag_values=flag_values)
+
+        def check(value, setting=setting):
+            message = problem(setting, value)
+            if message:
+                raise flags.ValidationError(message)
+            return True
+
+        flags.register_validator(name, check, flag_values=flag_values)
+
+
+def parse_or_exit(argv):
+    """absl's flag parser for `app.run`: a bad value is one `error:` line and status 2."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def values(settings, flag_values=flags.FLAGS):
+    """{name: parsed value} of `settings`' flags."""
+    return {name: flag_values[name].value for name in settings}
+
+
+def flags_text(settings, flag_values=flags.FLAGS):
+    """`settings`' flags as `--flagfile` lines, resume and overwrite left out."""
+    lines = sorted(flag_values[name].serialize() for name in settings
+                   if name not in NOT_RECORDED)
+    return "".join(f"{line}\n" for line in lines if line)
+
+
+def config_class(name, settings):
+    """A frozen dataclass with a field per setting and its default, whose creation
+    raises UserError where a field breaks its setting's rule, as the flag would."""
+    def check(config):
+        for key, setting in settings.items():
+            message = problem(setting, getattr(config, key))
+            if message:
+                raise UserError(f"--{key} {message}")
+
+    fields = [(key, object, dataclasses.field(default=setting.default))
+              for key, setting in settings.items()]
+    return dataclasses.make_dataclass(name, fields, frozen=True,
+                                      namespace={"__post_init__": check})

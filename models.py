@@ -57,22 +57,16 @@ class DANNLearningRate(keras.optimizers.schedules.LearningRateSchedule):
     """The paper's annealing: lr0 / (1 + alpha p)^beta, p = step / total_steps."""
 
     def __init__(self, initial_lr, total_steps, alpha=10.0, beta=0.75):
-        self.initial_lr = float(initial_lr)
-        self.total_steps = int(total_steps)
-        self.alpha = float(alpha)
-        self.beta = float(beta)
+        self.initial_lr, self.total_steps = float(initial_lr), int(total_steps)
+        self.alpha, self.beta = float(alpha), float(beta)
 
     def __call__(self, step):
         p = training_progress(step, self.total_steps)
         return self.initial_lr / tf.pow(1.0 + self.alpha * p, self.beta)
 
     def get_config(self):
-        return {
-            "initial_lr": self.initial_lr,
-            "total_steps": self.total_steps,
-            "alpha": self.alpha,
-            "beta": self.beta,
-        }
+        return {"initial_lr": self.initial_lr, "total_steps": self.total_steps,
+                "alpha": self.alpha, "beta": self.beta}
 
 
 class ScheduleLogger(keras.callbacks.Callback):
@@ -150,11 +144,9 @@ class DANN(keras.Model):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.image_shape = tuple(int(d) for d in input_shape)
-        self.num_classes = int(num_classes)
+        self.num_classes, self.mode = int(num_classes), mode
         self.mean = [float(m) for m in mean]
-        self.mode = mode
-        self.total_steps = int(total_steps)
-        self.gamma = float(gamma)
+        self.total_steps, self.gamma = int(total_steps), float(gamma)
         self.class_names = list(class_names) if class_names else [
             str(k) for k in range(self.num_classes)]
         self.features = feature_extractor(self.image_shape, self.mean)
@@ -163,14 +155,15 @@ class DANN(keras.Model):
         self.grl = GradientReversal(0.0, name="gradient_reversal")
         self.domain_head = domain_classifier(feature_dim)
         self.labelled_domain = TARGET_DOMAIN if mode == "target_only" else SOURCE_DOMAIN
-        self.trackers = {
-            name: keras.metrics.Mean(name=name)
-            for name in ("loss", "label_loss", "domain_loss")
-        }
+        self.trackers = {name: keras.metrics.Mean(name=name)
+                         for name in ("loss", "label_loss", "domain_loss")}
         self.accuracies = {
-            name: keras.metrics.Mean(name=name)
-            for name in ("label_accuracy", "domain_accuracy",
-                         "source_accuracy", "target_accuracy")
+            "label_accuracy": keras.metrics.SparseCategoricalAccuracy("label_accuracy"),
+            "source_accuracy": keras.metrics.SparseCategoricalAccuracy("source_accuracy"),
+            "target_accuracy": keras.metrics.SparseCategoricalAccuracy("target_accuracy"),
+            # Logits: a domain logit above 0 says "target".
+            "domain_accuracy": keras.metrics.BinaryAccuracy("domain_accuracy",
+                                                            threshold=0.0),
         }
         # Every sub-network was built with its input shape above; marking the model
         # built lets Keras save and restore the optimiser state with it.
@@ -212,10 +205,8 @@ class DANN(keras.Model):
         self.trackers["loss"].update_state(label_loss + domain_loss)
         self.trackers["label_loss"].update_state(label_loss)
         self.trackers["domain_loss"].update_state(domain_loss)
-        self.accuracies["label_accuracy"].update_state(
-            _accuracy(batch["labels"], class_logits))
-        self.accuracies["domain_accuracy"].update_state(
-            _domain_accuracy(domain_logits, domain_labels))
+        self.accuracies["label_accuracy"].update_state(batch["labels"], class_logits)
+        self.accuracies["domain_accuracy"].update_state(domain_labels, domain_logits)
 
     def adaptation_factor(self):
         """lambda for the coming step: the paper's schedule in `dann` mode, else 0."""
@@ -245,57 +236,32 @@ class DANN(keras.Model):
     def test_step(self, batch):
         """Batches of `images`, `labels`, `domains` (0/1) mixing both domains."""
         outputs = self(batch["images"], training=False)
-        correct = _accuracy(batch["labels"], outputs["class_logits"])
+        labels, logits = batch["labels"], outputs["class_logits"]
         is_target = tf.cast(batch["domains"], tf.float32)
-        self.accuracies["source_accuracy"].update_state(correct, 1.0 - is_target)
-        self.accuracies["target_accuracy"].update_state(correct, is_target)
-        self.accuracies["domain_accuracy"].update_state(
-            _domain_accuracy(outputs["domain_logits"][:, 0], is_target))
+        self.accuracies["source_accuracy"].update_state(labels, logits, 1.0 - is_target)
+        self.accuracies["target_accuracy"].update_state(labels, logits, is_target)
+        self.accuracies["domain_accuracy"].update_state(is_target,
+                                                        outputs["domain_logits"][:, 0])
         return {name: self.accuracies[name].result()
                 for name in ("source_accuracy", "target_accuracy", "domain_accuracy")}
 
     def get_config(self):
-        return {
-            **super().get_config(),
-            "input_shape": list(self.image_shape),
-            "num_classes": self.num_classes,
-            "mean": self.mean,
-            "mode": self.mode,
-            "class_names": self.class_names,
-            "total_steps": self.total_steps,
-            "gamma": self.gamma,
-        }
-
-
-def _accuracy(labels, logits):
-    predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)
-    return tf.cast(tf.equal(predicted, tf.cast(labels, tf.int32)), tf.float32)
-
-
-def _domain_accuracy(domain_logits, is_target):
-    """1.0 where the domain logit's sign (> 0: target) matches `is_target` (0/1)."""
-    predicted = tf.cast(domain_logits > 0, tf.float32)
-    return tf.cast(tf.equal(predicted, is_target), tf.float32)
+        return {**super().get_config(), "input_shape": list(self.image_shape),
+                "num_classes": self.num_classes, "mean": self.mean, "mode": self.mode,
+                "class_names": self.class_names, "total_steps": self.total_steps,
+                "gamma": self.gamma}
 
 
 def build_dann(input_shape, num_classes, mean, mode, total_steps, lr=0.01,
                momentum=0.9, lr_alpha=10.0, lr_beta=0.75, gamma=10.0, class_names=None,
                steps_per_execution=1):
-    """A compiled DANN with the paper's SGD and learning-rate annealing.
+    """A compiled `DANN` with the paper's SGD and learning-rate annealing.
 
     Args:
         input_shape: (height, width, channels) of the images.
-        num_classes: number of label classes.
         mean: per-channel mean of the training pixels, scaled to [0, 1].
-        mode: one of MODES.
         total_steps: optimiser steps of the whole run, the schedules' horizon.
-        lr, momentum, lr_alpha, lr_beta: SGD and annealing settings.
-        gamma: the lambda schedule's gamma.
-        class_names: names of the classes, stored with the model.
-        steps_per_execution: training steps Keras runs per compiled call.
-
-    Returns:
-        A compiled `DANN`.
+        lr, momentum, lr_alpha, lr_beta, gamma: as the flags of the same names.
     """
     model = DANN(input_shape, num_classes, mean, mode, class_names=class_names,
                  total_steps=total_steps, gamma=gamma)

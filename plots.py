@@ -1,6 +1,7 @@
 """Figures of a run (matplotlib, Agg backend), saved as PNG through a temp file."""
 
 import os
+import sys
 
 import matplotlib
 import matplotlib.patches
@@ -9,8 +10,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
+from sklearn import metrics  # noqa: E402
 
-import data_utils  # noqa: E402
+from file_utils import save_atomically  # noqa: E402
 
 CURVE_PANELS = (
     ("losses", ("label_loss", "domain_loss")),
@@ -23,7 +25,7 @@ SECOND_AXIS = {"schedules": "lr"}  # on its own scale, or it would lie flat at ~
 
 def save_figure(figure, path):
     """Writes `figure` to `path` as PNG through a temporary file, then closes it."""
-    data_utils.save_atomically(path, lambda temporary: figure.savefig(
+    save_atomically(path, lambda temporary: figure.savefig(
         temporary, format="png", dpi=110, bbox_inches="tight"))
     plt.close(figure)
 
@@ -58,20 +60,12 @@ def training_curves(history, path):
 
 def confusion_matrix(matrix, class_names, title, path):
     """Draws a confusion matrix (rows: true class, columns: predicted class)."""
-    matrix = np.asarray(matrix)
     size = max(4.0, 0.5 * len(class_names) + 2)
     figure, axis = plt.subplots(figsize=(size, size))
-    axis.imshow(matrix, cmap="Blues")
-    axis.set_xticks(range(len(class_names)), class_names, rotation=90)
-    axis.set_yticks(range(len(class_names)), class_names)
-    axis.set_xlabel("predicted")
-    axis.set_ylabel("true")
+    display = metrics.ConfusionMatrixDisplay(np.asarray(matrix), display_labels=class_names)
+    display.plot(ax=axis, cmap="Blues", colorbar=False, xticks_rotation="vertical",
+                 include_values=len(class_names) <= 20)
     axis.set_title(title)
-    if len(class_names) <= 20:
-        threshold = matrix.max() / 2 if matrix.size else 0
-        for (row, col), value in np.ndenumerate(matrix):
-            axis.text(col, row, str(value), ha="center", va="center", fontsize=7,
-                      color="white" if value > threshold else "black")
     save_figure(figure, path)
 
 
@@ -129,8 +123,7 @@ def sample_grid(split, path, per_class=2, seed=0):
     """Source images above target images of the same classes, from a scanned split."""
     rng = np.random.default_rng(seed)
     rows = []
-    for domain in data_utils.DOMAINS:
-        files = getattr(split, domain)
+    for files in (split.source, split.target):
         labels = np.asarray(files.labels)
         tiles = []
         for label in range(len(split.class_names)):
@@ -150,13 +143,19 @@ def sample_grid(split, path, per_class=2, seed=0):
 
 def main():
     """Draws the README's figures in img/: the architecture and a sample grid."""
-    import common_flags
+    import data_utils
 
-    folder = os.path.join(common_flags.REPO_DIR, "img")
-    os.makedirs(folder, exist_ok=True)
-    architecture_diagram(os.path.join(folder, "architecture.png"))
-    train_dir = os.path.join(common_flags.DEFAULT_DATA_DIR, "train")
-    sample_grid(data_utils.scan_split(train_dir), os.path.join(folder, "samples.png"))
+    repo = os.path.dirname(os.path.abspath(__file__))
+    train_dir = os.path.join(repo, "data", "mnist_mnistm", "train")
+    try:
+        split = data_utils.scan_split(train_dir)
+    except data_utils.UserError as error:
+        print(f"error: {error} (python mnist_m.py builds the default data set)",
+              file=sys.stderr)
+        sys.exit(2)
+    os.makedirs(os.path.join(repo, "img"), exist_ok=True)
+    architecture_diagram(os.path.join(repo, "img", "architecture.png"))
+    sample_grid(split, os.path.join(repo, "img", "samples.png"))
 
 
 if __name__ == "__main__":

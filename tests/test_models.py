@@ -167,3 +167,38 @@ def test_domain_loss_reaches_the_features_only_in_dann_mode():
         grads = tape.gradient(domain_loss, model.features.trainable_weights)
         norm = sum(float(tf.reduce_sum(tf.abs(g))) for g in grads)
         assert (norm > 0) == expect_change, mode
+
+
+def test_one_dann_step_raises_the_domain_loss_through_the_features_and_lowers_it_in_the_head():
+    rng = np.random.default_rng(5)
+    batch = _batch(rng, n=16)
+    model = models.build_dann((28, 28, 3), 10, [0.5] * 3, "dann", 100, momentum=0.0)
+    # A zero last label layer passes no label gradient back to the features, so only
+    # the domain loss moves them; lambda is ~1 near the end of the run.
+    for weight in model.label_head.layers[-1].weights:
+        weight.assign(tf.zeros_like(weight))
+    model.optimizer.iterations.assign(99)
+
+    def domain_loss():
+        return float(model._forward(batch, training=False)[1])
+
+    def values(network):
+        return [w.numpy() for w in network.weights]
+
+    features_before, head_before, loss_before = (values(model.features),
+                                                 values(model.domain_head), domain_loss())
+    model.train_step(batch)
+    features_after, head_after = values(model.features), values(model.domain_head)
+    model.domain_head.set_weights(head_before)
+    moved_features = domain_loss()
+    model.features.set_weights(features_before)
+    model.domain_head.set_weights(head_after)
+    moved_head = domain_loss()
+    assert moved_features > loss_before > moved_head
+    assert not np.array_equal(features_after[0], features_before[0])
+
+
+def test_flag_modes_are_the_models_modes():
+    import common_flags
+
+    assert common_flags.RUN["mode"].choices == models.MODES

@@ -1,5 +1,6 @@
 """Training runs in-process: honesty of the protocol and resumption."""
 
+import errno
 import os
 import signal
 
@@ -8,14 +9,19 @@ import numpy as np
 import pytest
 
 import data_utils
-import train
+import training
+from file_utils import DiskFull, UserError
 
 
 def _config(tiny_data, model_dir, **overrides):
     settings = dict(train_dir=os.path.join(tiny_data, "train"), model_dir=str(model_dir),
-                    num_epochs=2, batch_size=8, log_rate=1, seed=7, verbose=0)
+                    num_epochs=2, batch_size=8, log_rate=1, seed=7)
     settings.update(overrides)
-    return train.TrainConfig(**settings)
+    return training.TrainConfig(**settings)
+
+
+def run(config):
+    return training.run(config, verbose=0)
 
 
 def _weights(model_dir, name="model.keras"):
@@ -38,32 +44,32 @@ def _permute_labels(monkeypatch, domain):
 @pytest.mark.parametrize("mode", ["dann", "source_only"])
 def test_target_labels_never_reach_the_training_loss(tiny_data, tmp_path, monkeypatch,
                                                      mode):
-    train.run(_config(tiny_data, tmp_path / "true", mode=mode, num_epochs=1))
+    run(_config(tiny_data, tmp_path / "true", mode=mode, num_epochs=1))
     _permute_labels(monkeypatch, "target")
-    train.run(_config(tiny_data, tmp_path / "permuted", mode=mode, num_epochs=1))
+    run(_config(tiny_data, tmp_path / "permuted", mode=mode, num_epochs=1))
     for a, b in zip(_weights(tmp_path / "true"), _weights(tmp_path / "permuted")):
         np.testing.assert_array_equal(a, b)
 
 
 def test_permuted_source_labels_do_change_the_weights(tiny_data, tmp_path, monkeypatch):
     # The control for the test above: the comparison can detect label use.
-    train.run(_config(tiny_data, tmp_path / "true", num_epochs=1))
+    run(_config(tiny_data, tmp_path / "true", num_epochs=1))
     _permute_labels(monkeypatch, "source")
-    train.run(_config(tiny_data, tmp_path / "permuted", num_epochs=1))
+    run(_config(tiny_data, tmp_path / "permuted", num_epochs=1))
     pairs = zip(_weights(tmp_path / "true"), _weights(tmp_path / "permuted"))
     assert any(not np.array_equal(a, b) for a, b in pairs)
 
 
 def test_steps_per_execution_does_not_change_the_result(tiny_data, tmp_path):
-    train.run(_config(tiny_data, tmp_path / "one", steps_per_execution=1))
-    train.run(_config(tiny_data, tmp_path / "four", steps_per_execution=4))
+    run(_config(tiny_data, tmp_path / "one", steps_per_execution=1))
+    run(_config(tiny_data, tmp_path / "four", steps_per_execution=4))
     for a, b in zip(_weights(tmp_path / "one"), _weights(tmp_path / "four")):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_same_seed_gives_identical_weights(tiny_data, tmp_path):
-    train.run(_config(tiny_data, tmp_path / "a", num_epochs=1))
-    train.run(_config(tiny_data, tmp_path / "b", num_epochs=1))
+    run(_config(tiny_data, tmp_path / "a", num_epochs=1))
+    run(_config(tiny_data, tmp_path / "b", num_epochs=1))
     for a, b in zip(_weights(tmp_path / "a"), _weights(tmp_path / "b")):
         np.testing.assert_array_equal(a, b)
 
@@ -71,14 +77,14 @@ def test_same_seed_gives_identical_weights(tiny_data, tmp_path):
 @pytest.mark.parametrize("steps_per_execution", [1, 4])
 def test_resuming_after_epoch_one_gives_the_uninterrupted_weights(tiny_data, tmp_path,
                                                                  steps_per_execution):
-    train.run(_config(tiny_data, tmp_path / "full"))
+    run(_config(tiny_data, tmp_path / "full"))
     steps = data_utils.steps_per_epoch(48, 48, 8)
     interrupted = tmp_path / "resumed"
-    train.run(_config(tiny_data, interrupted))
+    run(_config(tiny_data, interrupted))
     # Leave the run as if it had stopped after epoch 1 of 2.
-    os.remove(train.checkpoint_path(str(interrupted), 2 * steps))
+    os.remove(training.checkpoint_path(str(interrupted), 2 * steps))
     os.remove(interrupted / "model.keras")
-    history = train.run(_config(tiny_data, interrupted, restore_model=True,
+    history = run(_config(tiny_data, interrupted, restore_model=True,
                                 steps_per_execution=steps_per_execution))
     assert [row["epoch"] for row in history] == [1, 2]
     model = keras.saving.load_model(interrupted / "model.keras")
@@ -88,22 +94,22 @@ def test_resuming_after_epoch_one_gives_the_uninterrupted_weights(tiny_data, tmp
 
 
 def test_refuses_to_overwrite_an_existing_run(tiny_data, tmp_path):
-    train.run(_config(tiny_data, tmp_path / "run", num_epochs=1))
+    run(_config(tiny_data, tmp_path / "run", num_epochs=1))
     before = sorted(os.listdir(tmp_path / "run"))
     with pytest.raises(data_utils.UserError, match="already holds a run"):
-        train.run(_config(tiny_data, tmp_path / "run", num_epochs=1))
+        run(_config(tiny_data, tmp_path / "run", num_epochs=1))
     assert sorted(os.listdir(tmp_path / "run")) == before
-    train.run(_config(tiny_data, tmp_path / "run", num_epochs=1, overwrite=True))
+    run(_config(tiny_data, tmp_path / "run", num_epochs=1, overwrite=True))
 
 
 def test_resume_with_a_different_run_length_is_refused(tiny_data, tmp_path):
-    train.run(_config(tiny_data, tmp_path / "run", num_epochs=1))
+    run(_config(tiny_data, tmp_path / "run", num_epochs=1))
     with pytest.raises(data_utils.UserError, match="resume with the flags"):
-        train.run(_config(tiny_data, tmp_path / "run", num_epochs=3, restore_model=True))
+        run(_config(tiny_data, tmp_path / "run", num_epochs=3, restore_model=True))
 
 
 def test_history_records_the_schedules_and_validation(tiny_data, tmp_path):
-    history = train.run(_config(tiny_data, tmp_path / "run",
+    history = run(_config(tiny_data, tmp_path / "run",
                                 val_dir=os.path.join(tiny_data, "test")))
     assert [row["epoch"] for row in history] == [1, 2]
     for key in ("loss", "label_loss", "domain_loss", "label_accuracy",
@@ -120,9 +126,9 @@ def test_history_records_the_schedules_and_validation(tiny_data, tmp_path):
 
 def test_sigint_saves_a_checkpoint_and_resuming_gives_the_uninterrupted_weights(
         tiny_data, tmp_path, monkeypatch):
-    train.run(_config(tiny_data, tmp_path / "full"))
+    run(_config(tiny_data, tmp_path / "full"))
     interrupted = tmp_path / "interrupted"
-    original = train.StopGuard.on_train_batch_end
+    original = training.StopGuard.on_train_batch_end
     handler_before = signal.getsignal(signal.SIGINT)
 
     def interrupt_at_step_9(self, batch, logs=None):
@@ -130,15 +136,15 @@ def test_sigint_saves_a_checkpoint_and_resuming_gives_the_uninterrupted_weights(
             os.kill(os.getpid(), signal.SIGINT)
         original(self, batch, logs)
 
-    monkeypatch.setattr(train.StopGuard, "on_train_batch_end", interrupt_at_step_9)
-    with pytest.raises(train.TrainingStopped, match="SIGINT at epoch 2, step 9") as stop:
-        train.run(_config(tiny_data, interrupted, steps_per_execution=1))
+    monkeypatch.setattr(training.StopGuard, "on_train_batch_end", interrupt_at_step_9)
+    with pytest.raises(training.TrainingStopped, match="SIGINT at epoch 2, step 9") as stop:
+        run(_config(tiny_data, interrupted, steps_per_execution=1))
     assert stop.value.exit_code == 130
     monkeypatch.undo()
     assert signal.getsignal(signal.SIGINT) == handler_before
-    assert os.path.exists(train.checkpoint_path(str(interrupted), 9))
+    assert os.path.exists(training.checkpoint_path(str(interrupted), 9))
     assert not os.path.exists(interrupted / "model.keras")
-    history = train.run(_config(tiny_data, interrupted, restore_model=True))
+    history = run(_config(tiny_data, interrupted, restore_model=True))
     assert [row["epoch"] for row in history] == [1, 2]
     for a, b in zip(_weights(tmp_path / "full"), _weights(interrupted)):
         np.testing.assert_array_equal(a, b)
@@ -146,14 +152,76 @@ def test_sigint_saves_a_checkpoint_and_resuming_gives_the_uninterrupted_weights(
 
 def test_a_diverging_loss_stops_with_the_epoch_and_step(tiny_data, tmp_path):
     model_dir = tmp_path / "run"
-    with pytest.raises(train.TrainingStopped, match=r"loss became (nan|inf) at epoch 1"):
-        train.run(_config(tiny_data, model_dir, lr=1e12, momentum=0.0))
+    with pytest.raises(training.TrainingStopped, match=r"loss became (nan|inf) at epoch 1"):
+        run(_config(tiny_data, model_dir, lr=1e12, momentum=0.0))
     assert not os.path.exists(model_dir / "model.keras")
 
 
 def test_epoch_segments_finish_a_partial_epoch_first():
-    assert train.epoch_segments(0, 10, 3) == [(0, 3, 10)]
-    assert train.epoch_segments(20, 10, 3) == [(2, 3, 10)]
-    assert train.epoch_segments(23, 10, 3) == [(2, 3, 7)]
-    assert train.epoch_segments(13, 10, 3) == [(1, 2, 7), (2, 3, 10)]
-    assert train.epoch_segments(30, 10, 3) == []
+    assert training.epoch_segments(0, 10, 3) == [(0, 3, 10)]
+    assert training.epoch_segments(20, 10, 3) == [(2, 3, 10)]
+    assert training.epoch_segments(23, 10, 3) == [(2, 3, 7)]
+    assert training.epoch_segments(13, 10, 3) == [(1, 2, 7), (2, 3, 10)]
+    assert training.epoch_segments(30, 10, 3) == []
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"batch_size": 0}, "--batch_size must be a positive integer, not 0"),
+    ({"mode": "magic"}, "--mode must be one of dann, source_only, target_only"),
+    ({"lr": "0.1"}, "--lr must be int or float, not '0.1'"),
+    ({"momentum": 1.0}, r"--momentum must be in \[0, 1\)"),
+])
+def test_a_config_built_in_code_is_checked_like_the_flags(tiny_data, tmp_path, override,
+                                                           message):
+    with pytest.raises(UserError, match=message):
+        _config(tiny_data, tmp_path / "run", **override)
+
+
+def test_grayscale_trains_saves_and_evaluates_on_one_channel(tiny_data, tmp_path):
+    import evaluation
+
+    model_dir = str(tmp_path / "gray")
+    run(_config(tiny_data, model_dir, num_epochs=1, img_mode="grayscale"))
+    model = evaluation.load_trained_model(os.path.join(model_dir, "model.keras"))
+    assert model.image_shape == (28, 28, 1) and len(model.mean) == 1
+    report = evaluation.run(model_dir, os.path.join(tiny_data, "test"))
+    assert report["num_source"] == report["num_target"] == 24
+
+
+def test_a_full_disk_names_the_file_and_the_checkpoint_kept(tiny_data, tmp_path,
+                                                             monkeypatch):
+    model_dir = tmp_path / "run"
+    original = keras.Model.save
+
+    def save_until_the_disk_fills(model, path, *args, **kwargs):
+        if os.path.basename(path) == ".tmp-model.keras":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        original(model, path, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "save", save_until_the_disk_fills)
+    with pytest.raises(DiskFull) as error:
+        run(_config(tiny_data, model_dir, num_epochs=1))
+    kept = training.checkpoint_path(str(model_dir), 6)
+    assert str(error.value) == (
+        f"the disk is full: could not write {model_dir / 'model.keras'} (none was "
+        f"left; the latest checkpoint kept is {kept}); free some space and continue "
+        "with --restore_model")
+    assert os.path.exists(kept)
+    assert not [n for n in os.listdir(model_dir) if n.startswith(".tmp")]
+
+
+def test_train_py_builds_the_default_data_set_only_when_training_on_it(tmp_path,
+                                                                      monkeypatch):
+    import common_flags
+    import mnist_m
+    import train
+
+    default = str(tmp_path / "data" / "mnist_mnistm")
+    monkeypatch.setattr(common_flags, "DEFAULT_DATA_DIR", default)
+    built = []
+    monkeypatch.setattr(mnist_m, "build_mnist_mnistm",
+                        lambda output_dir, **kwargs: built.append(output_dir))
+    train.build_default_data_if_missing(str(tmp_path / "mine" / "train"))
+    assert built == []
+    train.build_default_data_if_missing(os.path.join(default, "train"))
+    assert built == [default]

@@ -1,0 +1,154 @@
+"""Evaluating a trained run on a two-domain test split: accuracy per domain, the
+domain classifier's accuracy, confusion matrices and a t-SNE of the features.
+"""
+
+import json
+import os
+
+import keras
+import numpy as np
+from sklearn import manifold, metrics
+
+import data_utils
+import models
+import plots
+from file_utils import UserError, write_atomically
+from training import FINAL_MODEL, REPORT_FILE, TSNE_FILE
+
+EVAL_BATCH_SIZE = 512
+# Keras's predict spends much of a small network's time between calls; several
+# batches per compiled call roughly doubled evaluation speed on 2 CPU cores.
+EVAL_STEPS_PER_CALL = 8
+
+
+def model_path(model_dir, weights_fname=None):
+    """The checkpoint to evaluate: `weights_fname` (a path or a name in model_dir)."""
+    if not weights_fname:
+        return os.path.join(model_dir, FINAL_MODEL)
+    if os.path.exists(weights_fname):
+        return weights_fname
+    return os.path.join(model_dir, weights_fname)
+
+
+def load_trained_model(path):
+    """Loads a DANN `.keras` file, or raises UserError saying what is wrong."""
+    if not os.path.isfile(path):
+        raise UserError(
+            f"no model at {path}: train one with train.py --model_dir, or pass "
+            "--weights_fname naming an existing .keras file")
+    try:
+        model = keras.saving.load_model(path)
+    except Exception as error:  # Keras raises many types for a foreign file.
+        raise UserError(
+            f"{path} is not a model saved by dann-keras ({type(error).__name__}): "
+            "pass a .keras file written by train.py") from None
+    if not isinstance(model, models.DANN):
+        raise UserError(
+            f"{path} holds a {type(model).__name__}, not a DANN model: pass a .keras "
+            "file written by train.py")
+    model.steps_per_execution = EVAL_STEPS_PER_CALL
+    return model
+
+
+def predict_domain(model, files, batch_size=EVAL_BATCH_SIZE):
+    """Class predictions and domain probabilities for the images of one domain."""
+    batches = data_utils.image_batches(files, model.image_shape[:2],
+                                       model.image_shape[2], batch_size)
+    outputs = model.predict(batches, verbose=0)
+    return (np.argmax(outputs["class_logits"], axis=-1),
+            outputs["domain_logits"][:, 0] > 0)
+
+
+def evaluate(model, split, batch_size=EVAL_BATCH_SIZE):
+    """Accuracy report of `model` on a scanned split (`data_utils.SplitFiles`).
+
+    Returns:
+        A dict with `source_accuracy`, `target_accuracy`, `domain_accuracy`,
+        `num_source`, `num_target`, `per_class` ({domain: {class: accuracy}}) and
+        `confusion` ({domain: matrix as nested lists}).
+    """
+    report = {"per_class": {}, "confusion": {}}
+    domain_correct = []
+    classes = list(range(len(split.class_names)))
+    for domain_index, domain in enumerate(data_utils.DOMAINS):
+        files = getattr(split, domain)
+        predicted, says_target = predict_domain(model, files, batch_size)
+        labels = np.asarray(files.labels)
+        report[f"{domain}_accuracy"] = float(metrics.accuracy_score(labels, predicted))
+        report[f"num_{domain}"] = len(files)
+        matrix = metrics.confusion_matrix(labels, predicted, labels=classes)
+        report["confusion"][domain] = matrix.tolist()
+        report["per_class"][domain] = {
+            name: float(matrix[k, k] / matrix[k].sum()) if matrix[k].sum() else None
+            for k, name in enumerate(split.class_names)}
+        domain_correct.append(says_target == bool(domain_index))
+    report["domain_accuracy"] = float(np.mean(np.concatenate(domain_correct)))
+    return report
+
+
+def sample_files(files, count, seed=0):
+    """Up to `count` images of one domain, drawn without replacement."""
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.permutation(len(files))[:count])
+    return data_utils.DomainFiles([files.paths[i] for i in chosen],
+                                  [files.labels[i] for i in chosen])
+
+
+def tsne_figure(model, split, path, per_domain=1000, seed=0):
+    """t-SNE of the shared features of source and target test images, by domain."""
+    features, domains = [], []
+    for index, domain in enumerate(data_utils.DOMAINS):
+        files = sample_files(getattr(split, domain), per_domain, seed)
+        batches = data_utils.image_batches(files, model.image_shape[:2],
+                                           model.image_shape[2], EVAL_BATCH_SIZE)
+        features.append(model.features.predict(batches, verbose=0))
+        domains.append(np.full(len(files), index))
+    embedding = manifold.TSNE(n_components=2, init="pca", random_state=seed,
+                              perplexity=min(30.0, (len(features[0]) * 2 - 1) / 3)
+                              ).fit_transform(np.concatenate(features))
+    plots.domain_scatter(embedding, np.concatenate(domains), data_utils.DOMAINS,
+                         f"t-SNE of the features ({model.mode})", path)
+
+
+def write_report(report, model_dir, class_names, label):
+    """Writes the JSON report and per-domain confusion matrices into `model_dir`."""
+    write_atomically(os.path.join(model_dir, REPORT_FILE),
+                                lambda handle: json.dump(report, handle, indent=1))
+    for domain in data_utils.DOMAINS:
+        plots.confusion_matrix(
+            report["confusion"][domain], class_names,
+            f"{label}: {domain} ({report[f'{domain}_accuracy']:.4f})",
+            os.path.join(model_dir, f"confusion_{domain}.png"))
+
+
+def summary_table(report):
+    """The short text table eval.py prints."""
+    rows = [f"{'domain':<8} {'images':>8} {'label accuracy':>15}"]
+    for domain in data_utils.DOMAINS:
+        rows.append(f"{domain:<8} {report[f'num_{domain}']:>8} "
+                    f"{report[f'{domain}_accuracy']:>15.4f}")
+    rows.append(f"domain classifier accuracy (both domains): "
+                f"{report['domain_accuracy']:.4f}")
+    return "\n".join(rows)
+
+
+def run(model_dir, test_dir, weights_fname=None, skip_bad_images=False, tsne=False):
+    """Evaluates the run in `model_dir` on `test_dir`, writes and returns the report.
+
+    With `tsne`, also draws tsne.png: the features of up to 1,000 test images per
+    domain.
+    """
+    path = model_path(model_dir, weights_fname)
+    model = load_trained_model(path)
+    split = data_utils.scan_split(test_dir, model.class_names)
+    channels = model.image_shape[2]
+    skipped = 0
+    if skip_bad_images:
+        split, skipped = data_utils.without_unreadable(split, channels)
+    with data_utils.naming_unreadable([split], channels):
+        report = {"model": path, "test_dir": test_dir, "mode": model.mode,
+                  "skipped_images": skipped, **evaluate(model, split)}
+        if tsne:
+            tsne_figure(model, split, os.path.join(model_dir, TSNE_FILE))
+    write_report(report, model_dir, split.class_names, model.mode)
+    return report

@@ -1,0 +1,85 @@
+"""Files and streams: the user-error type, atomic writes, and a quiet TensorFlow start.
+
+Imports neither TensorFlow nor absl, so the scripts can check their flags first.
+"""
+
+import contextlib
+import errno
+import os
+import re
+import sys
+import tempfile
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+# Notes TensorFlow's native libraries write to file descriptor 2 as they load, before
+# any log level applies (TF_CPP_MIN_LOG_LEVEL does not hide them).
+START_UP_NOTES = re.compile(r"absl::InitializeLog|oneDNN custom operations are on|"
+                            r"cpu_feature_guard|^To enable the following instructions")
+
+
+class UserError(Exception):
+    """A mistake in the user's input; the scripts print it on one line and exit 2."""
+
+
+class DiskFull(UserError):
+    """A file could not be written for lack of space; nothing was left half-written."""
+
+    def __init__(self, path, kept, fix="free some space and run again"):
+        super().__init__(f"the disk is full: could not write {path} ({kept}); {fix}")
+        self.path, self.kept = path, kept
+
+
+def save_atomically(path, save):
+    """Calls `save(temporary_path)` for a temporary file next to `path`, then renames it.
+
+    A crash leaves the previous `path` (or none) intact, never half a file. The
+    temporary name keeps `path`'s extension, which some writers (Keras) require.
+
+    Raises:
+        DiskFull: the disk filled up while writing; `path` is as it was.
+    """
+    temporary = os.path.join(os.path.dirname(path) or ".",
+                             f".tmp-{os.path.basename(path)}")
+    try:
+        save(temporary)
+        os.replace(temporary, path)
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        kept = "its previous version is kept" if os.path.exists(path) else "none was left"
+        raise DiskFull(path, kept) from None
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def write_atomically(path, write, mode="w"):
+    """Calls `write(handle)` on a file that replaces `path` only once complete."""
+    def save(temporary):
+        with open(temporary, mode) as handle:
+            write(handle)
+
+    save_atomically(path, save)
+
+
+@contextlib.contextmanager
+def without_start_up_notes():
+    """Leaves out TensorFlow's start-up notes from what the block writes to stderr.
+
+    Import TensorFlow inside the block; anything else written to stderr there (an
+    import error's traceback, say) still reaches it, after the block.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().decode(errors="replace")
+                    .splitlines(keepends=True) if not START_UP_NOTES.search(line)]
+            sys.stderr.write("".join(kept))
