@@ -1,4 +1,4 @@
-"""Files and streams: the user-error type, atomic writes, and a quiet TensorFlow start.
+"""The user-error type, atomic writes, and TensorFlow's start without its notes.
 
 Imports neither TensorFlow nor absl, so the scripts can check their flags first.
 """
@@ -64,11 +64,8 @@ def write_atomically(path, write, mode="w"):
 
 @contextlib.contextmanager
 def without_start_up_notes():
-    """Leaves out TensorFlow's start-up notes from what the block writes to stderr.
-
-    Import TensorFlow inside the block; anything else written to stderr there (an
-    import error's traceback, say) still reaches it, after the block.
-    """
+    """Leaves TensorFlow's start-up notes out of what the block writes to stderr;
+    anything else written there (an import error, say) still reaches it after."""
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile(mode="w+b") as captured:

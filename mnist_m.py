@@ -20,6 +20,7 @@ import tarfile
 import numpy as np
 from PIL import Image
 
+import file_utils
 from file_utils import IMAGE_EXTENSIONS, UserError, write_atomically
 from mnist_readers import DIGIT_SIZE, Digits, load_mnist
 
@@ -185,25 +186,6 @@ def load_official_mnistm(path):
     return result
 
 
-class Progress:
-    """Keras's live bar on a terminal; in a log file, a plain line per quarter done."""
-
-    def __init__(self, total, log=print):
-        self.total, self.done, self.log, self.bar = total, 0, log, None
-        if sys.stdout.isatty():
-            import keras
-
-            self.bar = keras.utils.Progbar(total, unit_name="png")
-
-    def add(self, count):
-        """Counts `count` more PNGs written."""
-        quarter, self.done = 4 * self.done // self.total, self.done + count
-        if self.bar is not None:
-            self.bar.add(count)
-        elif 4 * self.done // self.total > quarter:
-            self.log(f"wrote {self.done:,} of {self.total:,} PNGs")
-
-
 def write_pngs(images, paths, progress=None, chunk=2000):
     """Writes uint8 images as PNG files, encoding in parallel inside tf.data."""
     import tensorflow as tf  # Loaded here, so that the command checks its flags first.
@@ -243,7 +225,7 @@ def _digit_splits(mnist, official, photos, limits, seed, binarize):
     return splits
 
 
-def _write_set(folder, splits, record, log):
+def _write_set(folder, splits, record):
     """Writes {split: (source, target) Digits} as PNG class folders and dataset.json."""
     jobs = [(_split_paths(folder, split, domain, digits.labels), digits)
             for split, domains in splits.items()
@@ -251,11 +233,22 @@ def _write_set(folder, splits, record, log):
     for paths, _ in jobs:
         for class_dir in sorted({os.path.dirname(p) for p in paths}):
             os.makedirs(class_dir, exist_ok=True)
-    progress = Progress(sum(len(paths) for paths, _ in jobs), log)
+    import keras
+
+    # A live bar on a terminal; one plain line at the end in a log file.
+    progress = keras.utils.Progbar(sum(len(paths) for paths, _ in jobs), unit_name="png",
+                                   verbose=1 if sys.stdout.isatty() else 2)
     for paths, digits in jobs:
         write_pngs(digits.images, paths, progress)
     write_atomically(os.path.join(folder, "dataset.json"),
                      lambda handle: json.dump(record, handle, indent=1, sort_keys=True))
+
+
+def _target_record(mnistm_path, backgrounds):
+    if mnistm_path:
+        return {"target": f"official MNIST-M from {mnistm_path}", "backgrounds": None}
+    return {"target": "generated MNIST-M-style (|crop - digit|)",
+            "backgrounds": backgrounds or "package photos"}
 
 
 def _split_paths(root, split, domain, labels):
@@ -287,17 +280,15 @@ def build_mnist_mnistm(output_dir, mnist_path=None, mnistm_path=None, background
         f"MNIST-M: generated over {len(photos)} photos "
         f"({backgrounds or 'shipped with scikit-image and scikit-learn'})")
     splits = _digit_splits(mnist, official, photos, (num_train, num_test), seed, binarize)
-    record = {"mnist_source": mnist_source,
-              "target": f"official MNIST-M from {mnistm_path}" if mnistm_path
-              else "generated MNIST-M-style (|crop - digit|)",
-              "backgrounds": None if mnistm_path else (backgrounds or "package photos"),
-              "photos": names, "binarize": bool(binarize), "seed": int(seed),
-              "subset": "first N of each split",
-              "counts": {split: {"source": len(source.labels), "target": len(target.labels)}
+    record = {"mnist_source": mnist_source, "photos": names, "binarize": bool(binarize),
+              "seed": int(seed), "subset": "first N of each split",
+              **_target_record(mnistm_path, backgrounds),
+              "counts": {split: {"source": len(source.labels),
+                                 "target": len(target.labels)}
                          for split, (source, target) in splits.items()}}
     temporary = f"{output_dir.rstrip(os.sep)}.tmp-build"
     shutil.rmtree(temporary, ignore_errors=True)
-    _write_set(temporary, splits, record, log)
+    _write_set(temporary, splits, record)
     if os.path.exists(output_dir):
         shutil.rmtree(output_dir)
     os.makedirs(os.path.dirname(os.path.abspath(output_dir)), exist_ok=True)
@@ -309,6 +300,8 @@ def build_mnist_mnistm(output_dir, mnist_path=None, mnistm_path=None, background
 def main(argv):
     """Builds the data set its flags describe; a user mistake is one `error:` line."""
     del argv
+    with file_utils.without_start_up_notes():
+        import tensorflow  # noqa: F401  (loaded here, its start-up notes left out)
     try:
         build_mnist_mnistm(cache_dir=common_flags.CACHE_DIR,
                            **common_flags.values(common_flags.BUILD))

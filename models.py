@@ -99,29 +99,16 @@ def feature_extractor(input_shape, mean):
     )
 
 
-def label_classifier(feature_dim, num_classes):
-    """The paper's label predictor: FC100-ReLU-FC100-ReLU-FC(num_classes) logits."""
-    return keras.Sequential(
-        [
-            keras.Input(shape=(feature_dim,)),
-            keras.layers.Dense(100, activation="relu"),
-            keras.layers.Dense(100, activation="relu"),
-            keras.layers.Dense(num_classes),
-        ],
-        name="label_classifier",
-    )
+def dense_head(feature_dim, hidden_units, outputs, name):
+    """FC-ReLU layers of `hidden_units`, then FC(`outputs`) logits.
 
-
-def domain_classifier(feature_dim):
-    """The paper's domain classifier behind the GRL: FC100-ReLU-FC1 logit (target = 1)."""
+    The paper's label predictor is `dense_head(768, (100, 100), classes)`; its domain
+    classifier, behind the GRL, `dense_head(768, (100,), 1)` (a logit, target = 1).
+    """
     return keras.Sequential(
-        [
-            keras.Input(shape=(feature_dim,)),
-            keras.layers.Dense(100, activation="relu"),
-            keras.layers.Dense(1),
-        ],
-        name="domain_classifier",
-    )
+        [keras.Input(shape=(feature_dim,)),
+         *(keras.layers.Dense(units, activation="relu") for units in hidden_units),
+         keras.layers.Dense(outputs)], name=name)
 
 
 @keras.saving.register_keras_serializable(package="dann")
@@ -151,9 +138,10 @@ class DANN(keras.Model):
             str(k) for k in range(self.num_classes)]
         self.features = feature_extractor(self.image_shape, self.mean)
         feature_dim = self.features.output_shape[-1]
-        self.label_head = label_classifier(feature_dim, self.num_classes)
+        self.label_head = dense_head(feature_dim, (100, 100), self.num_classes,
+                                     "label_classifier")
         self.grl = GradientReversal(0.0, name="gradient_reversal")
-        self.domain_head = domain_classifier(feature_dim)
+        self.domain_head = dense_head(feature_dim, (100,), 1, "domain_classifier")
         self.labelled_domain = TARGET_DOMAIN if mode == "target_only" else SOURCE_DOMAIN
         self.trackers = {name: keras.metrics.Mean(name=name)
                          for name in ("loss", "label_loss", "domain_loss")}

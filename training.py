@@ -5,7 +5,6 @@ The run folder's file names live here, for train.py, eval.py and the benchmarks.
 
 import csv
 import dataclasses
-import glob
 import json
 import math
 import os
@@ -53,11 +52,11 @@ def checkpoint_path(model_dir, step):
 
 def latest_checkpoint(model_dir):
     """The checkpoint of `model_dir` with the highest step, or None."""
-    found = []
-    for path in glob.glob(os.path.join(model_dir, CHECKPOINT_DIR, "ckpt-*.keras")):
-        match = CHECKPOINT_PATTERN.match(os.path.basename(path))
-        if match:
-            found.append((int(match.group(1)), path))
+    folder = os.path.join(model_dir, CHECKPOINT_DIR)
+    found = [(int(match.group(1)), os.path.join(folder, match.group(0)))
+             for match in map(CHECKPOINT_PATTERN.match,
+                              os.listdir(folder) if os.path.isdir(folder) else [])
+             if match]
     return max(found)[1] if found else None
 
 
@@ -316,13 +315,18 @@ def run(config, verbose=1, flags_file_text=None):
             history = fit(model, config, data, steps, run_started, verbose)
         save_model_atomically(model, os.path.join(config.model_dir, FINAL_MODEL))
     except DiskFull as error:
-        kept = latest_checkpoint(config.model_dir)
-        if kept is None:
-            raise DiskFull(error.path, f"{error.kept}; no checkpoint was kept",
-                           "free some space and run again with --overwrite") from None
-        raise DiskFull(error.path, f"{error.kept}; the latest checkpoint kept is {kept}",
-                       "free some space and continue with --restore_model") from None
+        raise said_what_was_kept(error, config.model_dir) from None
     return history
+
+
+def said_what_was_kept(error, model_dir):
+    """A `DiskFull` during training, completed with the checkpoint it left to resume."""
+    kept = latest_checkpoint(model_dir)
+    if kept is None:
+        return DiskFull(error.path, f"{error.kept}; no checkpoint was kept",
+                        "free some space and run again with --overwrite")
+    return DiskFull(error.path, f"{error.kept}; the latest checkpoint kept is {kept}",
+                    "free some space and continue with --restore_model")
 
 
 def fit(model, config, data, steps, run_started, verbose):

@@ -192,7 +192,7 @@ def eval_path(model_dir, test_dir):
 def build_seconds(output_dir, **limits):
     started = time.perf_counter()
     mnist_m.build_mnist_mnistm(output_dir, cache_dir=common_flags.CACHE_DIR,
-                                  log=lambda message: None, **limits)
+                               log=lambda message: None, **limits)
     return time.perf_counter() - started
 
 

