@@ -227,14 +227,14 @@ def _digit_splits(mnist, official, photos, limits, seed, binarize):
 
 def _write_set(folder, splits, record):
     """Writes {split: (source, target) Digits} as PNG class folders and dataset.json."""
+    import keras  # Loaded here, so that the command checks its flags first.
+
     jobs = [(_split_paths(folder, split, domain, digits.labels), digits)
             for split, domains in splits.items()
             for domain, digits in zip(("source", "target"), domains)]
     for paths, _ in jobs:
         for class_dir in sorted({os.path.dirname(p) for p in paths}):
             os.makedirs(class_dir, exist_ok=True)
-    import keras
-
     # A live bar on a terminal; one plain line at the end in a log file.
     progress = keras.utils.Progbar(sum(len(paths) for paths, _ in jobs), unit_name="png",
                                    verbose=1 if sys.stdout.isatty() else 2)

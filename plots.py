@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from sklearn import metrics  # noqa: E402
 
-from file_utils import save_atomically  # noqa: E402
+from file_utils import save_atomically, without_start_up_notes  # noqa: E402
 
 CURVE_PANELS = (
     ("losses", ("label_loss", "domain_loss")),
@@ -143,7 +143,8 @@ def sample_grid(split, path, per_class=2, seed=0):
 
 def main():
     """Draws the README's figures in img/: the architecture and a sample grid."""
-    import data_utils
+    with without_start_up_notes():
+        import data_utils
 
     repo = os.path.dirname(os.path.abspath(__file__))
     train_dir = os.path.join(repo, "data", "mnist_mnistm", "train")
