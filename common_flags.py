@@ -157,12 +157,17 @@ def define(settings, flag_values=flags.FLAGS):
 
 
 def parse_or_exit(argv):
-    """absl's flag parser for `app.run`: a bad value is one `error:` line and status 2."""
+    """absl's flag parser for `app.run`: a bad value is one `error:` line and status 2;
+    `--help` (which absl ends with status 1) ends with status 0."""
     try:
         return flags.FLAGS(argv)
     except flags.Error as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except SystemExit as exit_request:
+        asked_for_help = any(arg.lstrip("-").startswith("help") or arg in ("-h", "-?")
+                             for arg in argv[1:])
+        sys.exit(0 if asked_for_help and exit_request.code == 1 else exit_request.code)
 
 
 def values(settings, flag_values=flags.FLAGS):

@@ -3,11 +3,11 @@
     python eval.py --model_dir runs/dann --test_dir DATA/test
 
 Prints per-domain label accuracy and the domain classifier's accuracy, and writes
-eval_report.json, confusion_source.png and confusion_target.png into --model_dir.
+eval_report.json, confusion_source.png and confusion_target.png (with --tsne,
+tsne.png) into --model_dir; a checkpoint's outputs carry its name.
 The flags are checked before TensorFlow loads; `evaluation.run` does the work.
 """
 
-import os
 import sys
 
 from absl import app, flags
@@ -30,7 +30,7 @@ def main(argv):
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     print(evaluation.summary_table(report))
-    print(f"Report: {os.path.join(FLAGS.model_dir, evaluation.REPORT_FILE)}")
+    print("Wrote " + ", ".join(report["outputs"]))
 
 
 if __name__ == "__main__":

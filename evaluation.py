@@ -7,27 +7,19 @@ import os
 
 import keras
 import numpy as np
+from absl import logging
 from sklearn import manifold, metrics
 
 import data_utils
 import models
 import plots
+import run_folder
 from file_utils import UserError, write_atomically
-from training import FINAL_MODEL, REPORT_FILE, TSNE_FILE
 
 EVAL_BATCH_SIZE = 512
 # Keras's predict spends much of a small network's time between calls; several
 # batches per compiled call roughly doubled evaluation speed on 2 CPU cores.
 EVAL_STEPS_PER_CALL = 8
-
-
-def model_path(model_dir, weights_fname=None):
-    """The checkpoint to evaluate: `weights_fname` (a path or a name in model_dir)."""
-    if not weights_fname:
-        return os.path.join(model_dir, FINAL_MODEL)
-    if os.path.exists(weights_fname):
-        return weights_fname
-    return os.path.join(model_dir, weights_fname)
 
 
 def load_trained_model(path):
@@ -110,15 +102,13 @@ def tsne_figure(model, split, path, per_domain=1000, seed=0):
                          f"t-SNE of the features ({model.mode})", path)
 
 
-def write_report(report, model_dir, class_names, label):
-    """Writes the JSON report and per-domain confusion matrices into `model_dir`."""
-    write_atomically(os.path.join(model_dir, REPORT_FILE),
-                                lambda handle: json.dump(report, handle, indent=1))
+def write_report(report, outputs, class_names, label):
+    """Writes the JSON report and per-domain confusion matrices where `outputs` say."""
+    write_atomically(outputs["report"], lambda handle: json.dump(report, handle, indent=1))
     for domain in data_utils.DOMAINS:
         plots.confusion_matrix(
             report["confusion"][domain], class_names,
-            f"{label}: {domain} ({report[f'{domain}_accuracy']:.4f})",
-            os.path.join(model_dir, f"confusion_{domain}.png"))
+            f"{label}: {domain} ({report[f'{domain}_accuracy']:.4f})", outputs[domain])
 
 
 def summary_table(report):
@@ -133,22 +123,33 @@ def summary_table(report):
 
 
 def run(model_dir, test_dir, weights_fname=None, skip_bad_images=False, tsne=False):
-    """Evaluates the run in `model_dir` on `test_dir`, writes and returns the report.
+    """Evaluates a model of the run in `model_dir` on `test_dir`; writes the report.
 
-    With `tsne`, also draws tsne.png: the features of up to 1,000 test images per
-    domain.
+    `weights_fname` picks a checkpoint (see `run_folder.model_to_evaluate`); its
+    outputs carry its name. With `tsne`, also draws a t-SNE of the features of up to
+    1,000 test images per domain.
+
+    Returns:
+        The report (a dict); its `outputs` lists the files written.
     """
-    path = model_path(model_dir, weights_fname)
+    path = run_folder.model_to_evaluate(model_dir, weights_fname)
     model = load_trained_model(path)
     split = data_utils.scan_split(test_dir, model.class_names)
-    channels = model.image_shape[2]
-    skipped = 0
+    if split.ignored_files:
+        logging.info("%s: ignored %d files that are not images", test_dir,
+                     split.ignored_files)
+    channels, skipped = model.image_shape[2], 0
     if skip_bad_images:
         split, skipped = data_utils.without_unreadable(split, channels)
+        logging.info("%s: skipped %d unreadable images", test_dir, skipped)
+    outputs = run_folder.eval_outputs(model_dir, path)
+    if not tsne:
+        del outputs["tsne"]
     with data_utils.naming_unreadable([split], channels):
         report = {"model": path, "test_dir": test_dir, "mode": model.mode,
-                  "skipped_images": skipped, **evaluate(model, split)}
+                  "skipped_images": skipped, **evaluate(model, split),
+                  "outputs": sorted(outputs.values())}
         if tsne:
-            tsne_figure(model, split, os.path.join(model_dir, TSNE_FILE))
-    write_report(report, model_dir, split.class_names, model.mode)
+            tsne_figure(model, split, outputs["tsne"])
+    write_report(report, outputs, split.class_names, model.mode)
     return report

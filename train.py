@@ -13,6 +13,7 @@ from absl import app, flags
 
 import common_flags
 import file_utils
+import run_folder
 
 FLAGS = flags.FLAGS
 common_flags.define(common_flags.TRAIN)
@@ -35,11 +36,14 @@ def main(argv):
     del argv
     with file_utils.without_start_up_notes():
         import training
+    for name in ("train_dir", "val_dir", "model_dir"):  # so flags.txt replays anywhere
+        if FLAGS[name].value:
+            FLAGS[name].value = os.path.abspath(FLAGS[name].value)
     config = training.TrainConfig(**common_flags.values(common_flags.TRAIN))
     # Keras's live progress bar on a terminal; one line per epoch in a log file.
     verbose = 1 if sys.stdout.isatty() else 2
     try:
-        training.check_model_dir(config)
+        run_folder.check(config.model_dir, config.restore_model, config.overwrite)
         build_default_data_if_missing(config.train_dir)
         history = training.run(config, verbose,
                                common_flags.flags_text(common_flags.TRAIN))

@@ -1,15 +1,8 @@
-"""One training run, as train.py asks for it: data in, a complete run folder out.
+"""One training run, as train.py asks for it: data in, a complete run folder out."""
 
-The run folder's file names live here, for train.py, eval.py and the benchmarks.
-"""
-
-import csv
 import dataclasses
-import json
 import math
 import os
-import re
-import shutil
 import signal
 import time
 
@@ -20,21 +13,9 @@ import common_flags
 import data_utils
 import models
 import plots
+import run_folder
 from file_utils import DiskFull, UserError, save_atomically, write_atomically
-
-FINAL_MODEL = "model.keras"
-FLAGS_FILE = "flags.txt"
-HISTORY_CSV = "history.csv"
-HISTORY_JSON = "history.json"
-CURVES_PNG = "train_curves.png"
-CHECKPOINT_DIR = "checkpoints"
-CHECKPOINT_PATTERN = re.compile(r"^ckpt-(\d+)\.keras$")
-REPORT_FILE = "eval_report.json"
-TSNE_FILE = "tsne.png"
-EVAL_FILES = (REPORT_FILE, "confusion_source.png", "confusion_target.png", TSNE_FILE)
-# All a run writes: --overwrite removes it all, leaving no report of the old model.
-RUN_FILES = (FINAL_MODEL, FLAGS_FILE, CHECKPOINT_DIR, HISTORY_CSV, HISTORY_JSON,
-             CURVES_PNG, "logs", *EVAL_FILES)
+from run_folder import checkpoint_path, latest_checkpoint
 
 TrainConfig = common_flags.config_class("TrainConfig", common_flags.TRAIN)
 TrainConfig.__doc__ = """Everything a training run depends on: train.py's flags, with
@@ -44,20 +25,6 @@ their defaults, checked by the same rules when built in code."""
 def image_shape(config):
     """(height, width, channels) of the images a run trains on."""
     return (config.img_height, config.img_width, 3 if config.img_mode == "rgb" else 1)
-
-
-def checkpoint_path(model_dir, step):
-    return os.path.join(model_dir, CHECKPOINT_DIR, f"ckpt-{step:08d}.keras")
-
-
-def latest_checkpoint(model_dir):
-    """The checkpoint of `model_dir` with the highest step, or None."""
-    folder = os.path.join(model_dir, CHECKPOINT_DIR)
-    found = [(int(match.group(1)), os.path.join(folder, match.group(0)))
-             for match in map(CHECKPOINT_PATTERN.match,
-                              os.listdir(folder) if os.path.isdir(folder) else [])
-             if match]
-    return max(found)[1] if found else None
 
 
 def save_model_atomically(model, path):
@@ -79,7 +46,11 @@ class PeriodicCheckpoint(keras.callbacks.Callback):
 
 
 class HistoryWriter(keras.callbacks.Callback):
-    """Rewrites history.csv/json (and the curves at the end) after every epoch."""
+    """Rewrites history.csv/json (and the curves at the end) after every epoch.
+
+    A row's `steps` are the optimiser steps its metrics cover: fewer than an epoch's
+    in the row of an epoch a run resumed inside.
+    """
 
     def __init__(self, model_dir, rows, run_started):
         super().__init__()
@@ -87,77 +58,23 @@ class HistoryWriter(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self.started = time.perf_counter()
+        self.first_step = int(self.model.optimizer.iterations.numpy())
 
     def on_epoch_end(self, epoch, logs=None):
         row = {"epoch": epoch + 1}
         row.update({key: float(value) for key, value in (logs or {}).items()})
+        row["steps"] = int(self.model.optimizer.iterations.numpy()) - self.first_step
         now = time.perf_counter()
         row["epoch_seconds"] = now - self.started
         # From the start of this process's run: loading, decoding and tracing included.
         row["run_seconds"] = now - self.run_started
         self.rows.append(row)
-        write_history(self.model_dir, self.rows)
+        run_folder.write_history(self.model_dir, self.rows)
 
     def on_train_end(self, logs=None):
         if self.rows:
-            plots.training_curves(self.rows, os.path.join(self.model_dir, CURVES_PNG))
-
-
-def write_history(model_dir, rows):
-    keys = ["epoch"] + sorted({key for row in rows for key in row} - {"epoch"})
-
-    def write_csv(handle):
-        writer = csv.DictWriter(handle, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-
-    write_atomically(os.path.join(model_dir, HISTORY_CSV), write_csv)
-    write_atomically(os.path.join(model_dir, HISTORY_JSON),
-                     lambda handle: json.dump(rows, handle, indent=1))
-
-
-def read_history(model_dir, up_to_epoch):
-    """History rows of a run being resumed, up to the epoch it resumes after."""
-    path = os.path.join(model_dir, HISTORY_JSON)
-    if not os.path.exists(path):
-        return []
-    with open(path) as handle:
-        return [row for row in json.load(handle) if row["epoch"] <= up_to_epoch]
-
-
-def holds_run(model_dir):
-    return os.path.isdir(model_dir) and any(
-        os.path.exists(os.path.join(model_dir, name)) for name in RUN_FILES)
-
-
-def check_model_dir(config):
-    """Refuses an unusable --model_dir before anything is loaded or written."""
-    model_dir = config.model_dir
-    if os.path.exists(model_dir) and not os.path.isdir(model_dir):
-        raise UserError(f"--model_dir {model_dir} is a file: pass a folder")
-    if holds_run(model_dir) and not (config.restore_model or config.overwrite):
-        raise UserError(
-            f"{model_dir} already holds a run: pass --restore_model to resume it, "
-            "--overwrite to replace it, or another --model_dir")
-    existing = os.path.abspath(model_dir)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
-        raise UserError(
-            f"cannot create --model_dir {model_dir} ({existing} is not a writable "
-            "folder): pass a writable folder")
-
-
-def prepare_model_dir(config):
-    """Makes the run folder; with --overwrite, first removes the run it held."""
-    if holds_run(config.model_dir) and not config.restore_model:
-        for name in RUN_FILES:
-            path = os.path.join(config.model_dir, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.remove(path)
-    os.makedirs(os.path.join(config.model_dir, CHECKPOINT_DIR), exist_ok=True)
+            plots.training_curves(self.rows,
+                                  os.path.join(self.model_dir, run_folder.CURVES_PNG))
 
 
 @dataclasses.dataclass
@@ -213,15 +130,15 @@ def restore(config, total_steps):
     path = latest_checkpoint(config.model_dir)
     if path is None:
         raise UserError(
-            f"--restore_model: {config.model_dir} has no checkpoint in {CHECKPOINT_DIR}/: "
-            "train without --restore_model first")
+            f"--restore_model: {config.model_dir} has no checkpoint to resume from: "
+            "train without --restore_model, with --overwrite if the folder holds a run")
     model = keras.saving.load_model(path)
     saved_steps = model.total_steps
     if saved_steps != total_steps or model.mode != config.mode:
         raise UserError(
             f"{path} belongs to a {model.mode} run of {saved_steps} steps, but these "
             f"flags ask for a {config.mode} run of {total_steps} steps: resume with the "
-            f"flags in {os.path.join(config.model_dir, FLAGS_FILE)}")
+            f"flags in {os.path.join(config.model_dir, run_folder.FLAGS_FILE)}")
     logging.info("Resuming from %s at step %d", path, int(model.optimizer.iterations))
     return model
 
@@ -238,13 +155,15 @@ class StopGuard(keras.callbacks.Callback):
     """Stops cleanly on SIGINT/SIGTERM (saving a checkpoint first) or a non-finite loss.
 
     The signal handlers only set a flag; the check runs between two steps, where the
-    model and optimiser are consistent, so the checkpoint resumes exactly.
+    model and optimiser are consistent, so the checkpoint resumes exactly. A signal
+    that comes at an epoch's last step stops at the epoch's end, after the callbacks
+    before this one (the history among them) have written that epoch.
     """
 
-    def __init__(self, model_dir):
+    def __init__(self, model_dir, steps_per_epoch):
         super().__init__()
-        self.model_dir, self.received, self.epoch, self.previous_handlers = (
-            model_dir, None, 0, {})
+        self.model_dir, self.steps_per_epoch = model_dir, steps_per_epoch
+        self.received, self.epoch, self.previous_handlers = None, 0, {}
 
     def __enter__(self):
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -270,13 +189,21 @@ class StopGuard(keras.callbacks.Callback):
             raise TrainingStopped(
                 f"the loss became {loss} at epoch {self.epoch}, step {step}: training "
                 f"stopped; the last good checkpoint is {kept}. Try a lower --lr", 1)
+        if self.received is not None and step % self.steps_per_epoch:
+            self._stop(step)
+
+    def on_epoch_end(self, epoch, logs=None):
         if self.received is not None:
-            path = checkpoint_path(self.model_dir, step)
+            self._stop(int(self.model.optimizer.iterations.numpy()))
+
+    def _stop(self, step):
+        path = checkpoint_path(self.model_dir, step)
+        if not os.path.exists(path):
             save_model_atomically(self.model, path)
-            name = signal.Signals(self.received).name
-            raise TrainingStopped(
-                f"{name} at epoch {self.epoch}, step {step}: saved {path}; continue "
-                f"with the same flags plus --restore_model", 128 + self.received)
+        name = signal.Signals(self.received).name
+        raise TrainingStopped(
+            f"{name} at epoch {self.epoch}, step {step}: saved {path}; continue "
+            f"with the same flags plus --restore_model", 128 + self.received)
 
 
 def run(config, verbose=1, flags_file_text=None):
@@ -296,27 +223,36 @@ def run(config, verbose=1, flags_file_text=None):
         TrainingStopped: a signal or a non-finite loss stopped training.
     """
     run_started = time.perf_counter()
-    check_model_dir(config)
-    keras.utils.set_random_seed(config.seed)
-    data = load_data(config)
+    run_folder.check(config.model_dir, config.restore_model, config.overwrite)
+    with run_folder.owned(config.model_dir):
+        # Again: another process may have written the folder since the check.
+        run_folder.refuse_an_old_run(config.model_dir, config.restore_model,
+                                     config.overwrite)
+        keras.utils.set_random_seed(config.seed)
+        data = load_data(config)
+        try:
+            with data_utils.naming_unreadable(data.splits, image_shape(config)[2]):
+                model, steps = build_or_restore(config, data)
+                # The data and the model are sound: only now is an old run replaced.
+                run_folder.prepare(config.model_dir, config.restore_model)
+                if flags_file_text and not config.restore_model:
+                    write_atomically(os.path.join(config.model_dir, run_folder.FLAGS_FILE),
+                                     lambda handle: handle.write(flags_file_text))
+                history = fit(model, config, data, steps, run_started, verbose)
+            save_model_atomically(model, os.path.join(config.model_dir,
+                                                      run_folder.FINAL_MODEL))
+        except DiskFull as error:
+            raise said_what_was_kept(error, config.model_dir) from None
+    return history
+
+
+def build_or_restore(config, data):
+    """The model to train (new, or the resumed run's) and the steps of an epoch."""
     steps = data_utils.steps_per_epoch(len(data.train.source), len(data.train.target),
                                        config.batch_size)
-    try:
-        with data_utils.naming_unreadable(data.splits, image_shape(config)[2]):
-            if config.restore_model:
-                model = restore(config, steps * config.num_epochs)
-            else:
-                model = new_model(config, data, steps * config.num_epochs)
-            # The data and the model are sound: only now is an old run replaced.
-            prepare_model_dir(config)
-            if flags_file_text and not config.restore_model:
-                write_atomically(os.path.join(config.model_dir, FLAGS_FILE),
-                                 lambda handle: handle.write(flags_file_text))
-            history = fit(model, config, data, steps, run_started, verbose)
-        save_model_atomically(model, os.path.join(config.model_dir, FINAL_MODEL))
-    except DiskFull as error:
-        raise said_what_was_kept(error, config.model_dir) from None
-    return history
+    if config.restore_model:
+        return restore(config, steps * config.num_epochs), steps
+    return new_model(config, data, steps * config.num_epochs), steps
 
 
 def said_what_was_kept(error, model_dir):
@@ -333,13 +269,13 @@ def fit(model, config, data, steps, run_started, verbose):
     """Trains from the model's current step to the end of the run; returns the history."""
     done_steps = int(model.optimizer.iterations.numpy())
     labelled = "target" if config.mode == "target_only" else "source"
-    history = read_history(config.model_dir, done_steps // steps)
-    with StopGuard(config.model_dir) as guard:
-        callbacks = [
-            guard, models.ScheduleLogger(),
+    history = run_folder.read_history(config.model_dir, done_steps // steps)
+    with StopGuard(config.model_dir, steps) as guard:
+        callbacks = [  # The guard last: an epoch is recorded before a stop at its end.
+            models.ScheduleLogger(),
             PeriodicCheckpoint(config.model_dir, config.log_rate, config.num_epochs),
             HistoryWriter(config.model_dir, history, run_started),
-            keras.callbacks.TensorBoard(os.path.join(config.model_dir, "logs")),
+            keras.callbacks.TensorBoard(os.path.join(config.model_dir, "logs")), guard,
         ]
         for epoch, epochs, epoch_steps in epoch_segments(done_steps, steps,
                                                          config.num_epochs):

@@ -33,7 +33,7 @@ import data_utils  # noqa: E402
 import evaluation  # noqa: E402
 import mnist_m  # noqa: E402
 import models  # noqa: E402
-import training  # noqa: E402
+import run_folder  # noqa: E402
 from file_utils import write_atomically  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -152,7 +152,7 @@ def train_path(data_dir, work_dir, epochs):
                     f"--train_dir={data_dir}/train", f"--model_dir={model_dir}",
                     f"--num_epochs={epochs}"], check=True, capture_output=True)
     peak_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    with open(os.path.join(model_dir, training.HISTORY_JSON)) as handle:
+    with open(os.path.join(model_dir, run_folder.HISTORY_JSON)) as handle:
         history = json.load(handle)
     split = data_utils.scan_split(os.path.join(data_dir, "train"))
     images = 2 * BATCH * data_utils.steps_per_epoch(len(split.source), len(split.target),
@@ -169,7 +169,7 @@ def eval_path(model_dir, test_dir):
         (evaluation, decoding alone): the second is eval.py's input pipeline on the
         same split with no model, so that evaluation's bound can be read off.
     """
-    model = evaluation.load_trained_model(os.path.join(model_dir, training.FINAL_MODEL))
+    model = evaluation.load_trained_model(os.path.join(model_dir, run_folder.FINAL_MODEL))
     split = data_utils.scan_split(test_dir, model.class_names)
     images = len(split.source) + len(split.target)
 

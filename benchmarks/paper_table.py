@@ -22,7 +22,7 @@ import bench  # this folder's benchmark; importing it puts the repository on sys
 
 import common_flags  # noqa: E402
 import mnist_m  # noqa: E402
-import training  # noqa: E402
+import run_folder  # noqa: E402
 from file_utils import write_atomically  # noqa: E402
 
 REPO = bench.REPO
@@ -35,7 +35,7 @@ def finished_report(model_dir, num_epochs, test_dir):
     """The eval report of a run that trained all `num_epochs` and was evaluated on
     `test_dir` after its last epoch, else None."""
     paths = [os.path.join(model_dir, name) for name in
-             (training.HISTORY_JSON, training.FINAL_MODEL, training.REPORT_FILE)]
+             (run_folder.HISTORY_JSON, run_folder.FINAL_MODEL, run_folder.REPORT_FILE)]
     if not all(os.path.exists(path) for path in paths):
         return None
     with open(paths[0]) as history, open(paths[2]) as report_file:
@@ -45,32 +45,43 @@ def finished_report(model_dir, num_epochs, test_dir):
     return report if epochs == num_epochs and evaluated_last and same_test else None
 
 
-def run_folder(runs_dir, mode, seed):
+def mode_seed_folder(runs_dir, mode, seed):
     """The run folder of one mode and seed inside `runs_dir`."""
     return os.path.join(runs_dir, f"{mode}-seed{seed}")
 
 
 def run_job(data_dir, run_dir, mode, seed, num_epochs, threads, reuse_finished=False):
-    """Trains one mode and seed with train.py, evaluates it, returns eval_report.json."""
-    model_dir = run_folder(run_dir, mode, seed)
-    if reuse_finished:
-        report = finished_report(model_dir, num_epochs, f"{data_dir}/test")
-        if report is not None:
-            return report
-    env = dict(os.environ, TF_NUM_INTRAOP_THREADS=str(threads),
-               TF_NUM_INTEROP_THREADS=str(threads), TF_CPP_MIN_LOG_LEVEL="2")
-    commands = [
-        ["train.py", f"--train_dir={data_dir}/train", f"--model_dir={model_dir}",
-         f"--mode={mode}", f"--num_epochs={num_epochs}", f"--seed={seed}", "--overwrite"],
-        ["eval.py", f"--model_dir={model_dir}", f"--test_dir={data_dir}/test"],
-    ]
-    for command in commands:
-        result = subprocess.run([sys.executable, os.path.join(REPO, command[0]),
-                                 *command[1:]], env=env, capture_output=True, text=True)
-        if result.returncode:
-            raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
-    with open(os.path.join(model_dir, training.REPORT_FILE)) as handle:
-        return json.load(handle)
+    """Trains one mode and seed with train.py, evaluates it, returns eval_report.json.
+
+    Says when the run starts and ends, with its result; the commands' output goes to
+    <run folder>.log.
+    """
+    model_dir = mode_seed_folder(run_dir, mode, seed)
+    report = finished_report(model_dir, num_epochs, f"{data_dir}/test") \
+        if reuse_finished else None
+    if report is None:
+        log_path = f"{model_dir}.log"
+        print(f"{mode} seed {seed}: training into {model_dir} (with --overwrite: the "
+              f"table owns its run folders); log {log_path}", flush=True)
+        env = dict(os.environ, TF_NUM_INTRAOP_THREADS=str(threads),
+                   TF_NUM_INTEROP_THREADS=str(threads))
+        commands = [
+            ["train.py", f"--train_dir={data_dir}/train", f"--model_dir={model_dir}",
+             f"--mode={mode}", f"--num_epochs={num_epochs}", f"--seed={seed}",
+             "--overwrite"],
+            ["eval.py", f"--model_dir={model_dir}", f"--test_dir={data_dir}/test"]]
+        os.makedirs(run_dir, exist_ok=True)
+        with open(log_path, "w") as log:
+            for command in commands:
+                if subprocess.run([sys.executable, os.path.join(REPO, command[0]),
+                                   *command[1:]], env=env, stdout=log,
+                                  stderr=subprocess.STDOUT).returncode:
+                    raise RuntimeError(f"{' '.join(command)} failed: see {log_path}")
+        with open(os.path.join(model_dir, run_folder.REPORT_FILE)) as handle:
+            report = json.load(handle)
+    print(f"{mode} seed {seed}: target accuracy {report['target_accuracy']:.4f} "
+          f"({model_dir})", flush=True)
+    return report
 
 
 def commit():
@@ -82,7 +93,7 @@ def commit():
 
 def training_seconds(model_dir):
     """Seconds from the start of a run's training to the end of its last epoch."""
-    with open(os.path.join(model_dir, training.HISTORY_JSON)) as handle:
+    with open(os.path.join(model_dir, run_folder.HISTORY_JSON)) as handle:
         return json.load(handle)[-1]["run_seconds"]
 
 
@@ -94,7 +105,7 @@ def summarise(reports, seeds, runs_dir):
         row = {f"{key}_per_seed": [reports[mode, seed][key] for seed in seeds]
                for key in ("target_accuracy", "source_accuracy", "domain_accuracy")}
         row["training_seconds_per_seed"] = [
-            training_seconds(run_folder(runs_dir, mode, seed)) for seed in seeds]
+            training_seconds(mode_seed_folder(runs_dir, mode, seed)) for seed in seeds]
         row["mean"] = float(np.mean(row["target_accuracy_per_seed"]))
         row["std"] = float(np.std(row["target_accuracy_per_seed"]))
         modes[mode] = row

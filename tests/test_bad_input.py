@@ -183,3 +183,35 @@ def test_eval_on_a_test_dir_with_other_classes(existing_run, tmp_path):
     test_dir = write_split(tmp_path / "other", per_class=2, num_classes=2)
     result = run_script("eval.py", f"--model_dir={existing_run}", f"--test_dir={test_dir}")
     assert_one_line_error(result, test_dir, "missing class_2")
+
+
+def test_a_run_that_diverged_before_any_checkpoint_says_to_overwrite(tiny_data, tmp_path):
+    common = [f"--train_dir={tiny_data}/train", f"--model_dir={tmp_path}/run",
+              "--num_epochs=1", "--batch_size=16"]
+    diverged = run_script("train.py", *common, "--lr=1e12", "--momentum=0")
+    assert diverged.returncode == 1
+    assert "stopped: the loss became" in diverged.stderr.strip().splitlines()[-1]
+    assert_one_line_error(run_script("train.py", *common), "saved no checkpoint",
+                          "--overwrite")
+    assert_one_line_error(run_script("train.py", *common, "--restore_model"),
+                          "no checkpoint to resume from", "--overwrite")
+    assert run_script("train.py", *common, "--overwrite").returncode == 0
+
+
+def test_a_second_run_in_the_same_folder_is_refused_at_once(tiny_data, tmp_path):
+    model_dir = str(tmp_path / "run")
+    command = [sys.executable, "-u", os.path.join(REPO, "train.py"),
+               f"--train_dir={tiny_data}/train", f"--model_dir={model_dir}",
+               "--num_epochs=100", "--batch_size=8", "--log_rate=1000"]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    for line in first.stdout:
+        if line.startswith("Epoch 2/"):
+            break
+    second = run_script("train.py", *command[3:], "--seed=2")
+    first.send_signal(signal.SIGKILL)  # a killed run must not block the folder
+    first.communicate(timeout=60)
+    assert_one_line_error(second, model_dir, f"in use by process {first.pid}")
+    again = run_script("train.py", *command[3:5], "--num_epochs=1", "--overwrite")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert not os.path.exists(os.path.join(model_dir, ".lock"))

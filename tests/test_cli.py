@@ -97,6 +97,7 @@ def test_eval_tsne_draws_the_features_of_both_domains(trained_run, tiny_data):
                         f"--test_dir={tiny_data}/test", "--tsne")
     assert result.returncode == 0, result.stderr[-3000:]
     assert os.path.getsize(os.path.join(trained_run, "tsne.png")) > 5000
+    assert os.path.join(trained_run, "tsne.png") in result.stdout
 
 
 def test_paper_table_writes_the_documented_shape(tiny_data, tmp_path):
@@ -121,6 +122,11 @@ def test_paper_table_writes_the_documented_shape(tiny_data, tmp_path):
         assert all(seconds > 0 for seconds in row["training_seconds_per_seed"])
         assert row["mean"] == pytest.approx(np.mean(row["target_accuracy_per_seed"]))
         assert row["std"] == pytest.approx(np.std(row["target_accuracy_per_seed"]))
+    for mode in ("dann", "source_only", "target_only"):
+        log = tmp_path / "runs" / f"{mode}-seed1.log"
+        assert f"{mode} seed 1: training into" in result.stdout and "--overwrite" in \
+            result.stdout and f"log {log}" in result.stdout and log.stat().st_size > 0
+        assert f"{mode} seed 1: target accuracy" in result.stdout
     text = open(prefix + ".md").read()
     assert "0.5225" in text and "0.9891" in text and "gap closed" in text
     assert "2 at a time" in text
@@ -173,15 +179,35 @@ def _weights(path):
     return [w.numpy() for w in keras.saving.load_model(path).weights]
 
 
-def test_replaying_flags_txt_through_train_py_gives_the_same_weights(trained_run,
-                                                                     tmp_path):
-    replay = str(tmp_path / "replay")
-    result = run_script("train.py", f"--flagfile={trained_run}/flags.txt",
-                        f"--model_dir={replay}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    for a, b in zip(_weights(f"{trained_run}/model.keras"),
-                    _weights(f"{replay}/model.keras")):
+def test_replaying_flags_txt_from_elsewhere_gives_the_same_weights(tiny_data, tmp_path):
+    first, elsewhere = tmp_path / "first", tmp_path / "elsewhere"
+    for folder in (first, elsewhere):
+        folder.mkdir()
+    relative = os.path.relpath(tiny_data, first)
+    trained = subprocess.run(
+        [sys.executable, os.path.join(REPO, "train.py"), f"--train_dir={relative}/train",
+         "--model_dir=runs/a", "--num_epochs=1", "--batch_size=16"], cwd=first,
+        capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    flags_file = first / "runs" / "a" / "flags.txt"
+    assert f"--train_dir={tiny_data}/train" in flags_file.read_text().split()
+    # The README's replay command, from another folder.
+    replayed = subprocess.run(
+        [sys.executable, os.path.join(REPO, "train.py"), f"--flagfile={flags_file}",
+         "--model_dir=runs/again"], cwd=elsewhere, capture_output=True, text=True,
+        timeout=600)
+    assert replayed.returncode == 0, replayed.stderr[-3000:]
+    for a, b in zip(_weights(first / "runs" / "a" / "model.keras"),
+                    _weights(elsewhere / "runs" / "again" / "model.keras")):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("script", ["train.py", "eval.py", "mnist_m.py"])
+def test_help_lists_the_commands_own_flags_and_exits_0(script):
+    result = run_script(script, "--help")
+    assert result.returncode == 0
+    own = {"train.py": "--gamma", "eval.py": "--tsne", "mnist_m.py": "--mnistm_path"}
+    assert all((flag in result.stdout) == (name == script) for name, flag in own.items())
 
 
 def test_overwrite_replaces_the_whole_run_eval_outputs_included(tiny_data, tmp_path):
@@ -189,17 +215,37 @@ def test_overwrite_replaces_the_whole_run_eval_outputs_included(tiny_data, tmp_p
     common = [f"--train_dir={tiny_data}/train", f"--model_dir={model_dir}",
               "--num_epochs=1", "--batch_size=16"]
     assert run_script("train.py", *common).returncode == 0
-    assert run_script("eval.py", f"--model_dir={model_dir}",
-                      f"--test_dir={tiny_data}/test", "--tsne").returncode == 0
+    for extra in ("--tsne", "--weights_fname=3"):
+        assert run_script("eval.py", f"--model_dir={model_dir}",
+                          f"--test_dir={tiny_data}/test", extra).returncode == 0
     before = _weights(f"{model_dir}/model.keras")
     result = run_script("train.py", *common, "--seed=3", "--overwrite")
     assert result.returncode == 0, result.stderr[-3000:]
     left = set(os.listdir(model_dir))
-    assert not left & {"eval_report.json", "confusion_source.png",
-                       "confusion_target.png", "tsne.png"}
+    assert not [name for name in left if name.startswith(("eval_report", "confusion",
+                                                          "tsne"))], left
     assert "--seed=3" in open(f"{model_dir}/flags.txt").read().split()
     after = _weights(f"{model_dir}/model.keras")
     assert any(not np.array_equal(a, b) for a, b in zip(before, after))
+
+
+@pytest.mark.parametrize("name", ["checkpoints/ckpt-00000006.keras",
+                                  "ckpt-00000006.keras", "ckpt-6.keras", "6"])
+def test_eval_of_a_checkpoint_keeps_the_final_models_report(trained_run, tiny_data,
+                                                            name):
+    final_report = os.path.join(trained_run, "eval_report.json")
+    before = open(final_report).read() if os.path.exists(final_report) else None
+    result = run_script("eval.py", f"--model_dir={trained_run}",
+                        f"--test_dir={tiny_data}/test", f"--weights_fname={name}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = [os.path.join(trained_run, f"{stem}-ckpt-00000006.{ext}") for stem, ext in
+               (("confusion_source", "png"), ("confusion_target", "png"),
+                ("eval_report", "json"))]
+    assert f"Wrote {', '.join(written)}" in result.stdout
+    assert (open(final_report).read() if os.path.exists(final_report) else None) == before
+    report = json.load(open(written[-1]))
+    assert report["model"] == os.path.join(trained_run, "checkpoints",
+                                           "ckpt-00000006.keras")
 
 
 def test_eval_of_a_checkpoint_reports_its_exact_accuracy(trained_run, tiny_data):
@@ -210,7 +256,8 @@ def test_eval_of_a_checkpoint_reports_its_exact_accuracy(trained_run, tiny_data)
     result = run_script("eval.py", f"--model_dir={trained_run}",
                         f"--test_dir={tiny_data}/test", f"--weights_fname={checkpoint}")
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.load(open(os.path.join(trained_run, "eval_report.json")))
+    report = json.load(open(os.path.join(trained_run,
+                                         "eval_report-ckpt-00000006.json")))
     assert report["model"] == os.path.join(trained_run, checkpoint)
     model = evaluation.load_trained_model(report["model"])
     split = data_utils.scan_split(os.path.join(tiny_data, "test"))

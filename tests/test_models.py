@@ -103,7 +103,7 @@ def test_keras_file_round_trip_gives_identical_predictions(tmp_path):
     model = models.build_dann((28, 28, 3), 10, [0.2, 0.3, 0.4], "dann", 100,
                               class_names=[f"c{k}" for k in range(10)])
     model.fit(tf.data.Dataset.from_tensors(_batch(rng)).repeat(), steps_per_epoch=3,
-              epochs=1, verbose=0)
+              epochs=1, verbose=0, shuffle=False)
     path = str(tmp_path / "model.keras")
     model.save(path)
     loaded = keras.saving.load_model(path)
@@ -151,7 +151,7 @@ def test_each_training_step_sets_lambda_from_its_own_step(steps_per_execution):
     model.grl.call = recording_call
     model.run_eagerly = True
     model.fit(tf.data.Dataset.from_tensors(_batch(rng)).repeat(), steps_per_epoch=8,
-              epochs=1, verbose=0)
+              epochs=1, verbose=0, shuffle=False)
     expected = [2.0 / (1.0 + math.exp(-10.0 * step / 20)) - 1.0 for step in range(8)]
     np.testing.assert_allclose([float(v) for v in seen], expected, rtol=1e-5)
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import data_utils
+import run_folder
 import training
 from file_utils import DiskFull, UserError
 
@@ -82,7 +83,7 @@ def test_resuming_after_epoch_one_gives_the_uninterrupted_weights(tiny_data, tmp
     interrupted = tmp_path / "resumed"
     run(_config(tiny_data, interrupted))
     # Leave the run as if it had stopped after epoch 1 of 2.
-    os.remove(training.checkpoint_path(str(interrupted), 2 * steps))
+    os.remove(run_folder.checkpoint_path(str(interrupted), 2 * steps))
     os.remove(interrupted / "model.keras")
     history = run(_config(tiny_data, interrupted, restore_model=True,
                                 steps_per_execution=steps_per_execution))
@@ -146,6 +147,32 @@ def test_sigint_saves_a_checkpoint_and_resuming_gives_the_uninterrupted_weights(
     assert not os.path.exists(interrupted / "model.keras")
     history = run(_config(tiny_data, interrupted, restore_model=True))
     assert [row["epoch"] for row in history] == [1, 2]
+    # The resumed epoch's row says its metrics cover only the steps after the resume.
+    assert [row["steps"] for row in history] == [6, 3]
+    for a, b in zip(_weights(tmp_path / "full"), _weights(interrupted)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_signals_at_epoch_ends_keep_every_epochs_history_row(tiny_data, tmp_path,
+                                                              monkeypatch):
+    run(_config(tiny_data, tmp_path / "full", num_epochs=3))
+    interrupted = tmp_path / "interrupted"
+    original = training.StopGuard.on_train_batch_end
+    stop_at = [6, 12]  # the last steps of epochs 1 and 2
+
+    def interrupt_at_epoch_ends(self, batch, logs=None):
+        if stop_at and int(self.model.optimizer.iterations.numpy()) == stop_at[0]:
+            stop_at.pop(0)
+            os.kill(os.getpid(), signal.SIGINT)
+        original(self, batch, logs)
+
+    monkeypatch.setattr(training.StopGuard, "on_train_batch_end", interrupt_at_epoch_ends)
+    for resume, where in ((False, "epoch 1, step 6"), (True, "epoch 2, step 12")):
+        with pytest.raises(training.TrainingStopped, match=f"SIGINT at {where}"):
+            run(_config(tiny_data, interrupted, num_epochs=3, steps_per_execution=1,
+                        restore_model=resume))
+    history = run(_config(tiny_data, interrupted, num_epochs=3, restore_model=True))
+    assert [(row["epoch"], row["steps"]) for row in history] == [(1, 6), (2, 6), (3, 6)]
     for a, b in zip(_weights(tmp_path / "full"), _weights(interrupted)):
         np.testing.assert_array_equal(a, b)
 
