@@ -43,12 +43,18 @@ def load_trained_model(path):
 
 
 def predict_domain(model, files, batch_size=EVAL_BATCH_SIZE):
-    """Class predictions and domain probabilities for the images of one domain."""
+    """Class logits (N, classes) and domain logits (N,) for the images of one domain."""
     batches = data_utils.image_batches(files, model.image_shape[:2],
                                        model.image_shape[2], batch_size)
     outputs = model.predict(batches, verbose=0)
-    return (np.argmax(outputs["class_logits"], axis=-1),
-            outputs["domain_logits"][:, 0] > 0)
+    return outputs["class_logits"], outputs["domain_logits"][:, 0]
+
+
+def predict_split(model, split, batch_size=EVAL_BATCH_SIZE):
+    """{domain: (labels, class logits, domain logits)} for a scanned split."""
+    return {domain: (np.asarray(getattr(split, domain).labels),
+                     *predict_domain(model, getattr(split, domain), batch_size))
+            for domain in data_utils.DOMAINS}
 
 
 def evaluate(model, split, batch_size=EVAL_BATCH_SIZE):
@@ -56,25 +62,37 @@ def evaluate(model, split, batch_size=EVAL_BATCH_SIZE):
 
     Returns:
         A dict with `source_accuracy`, `target_accuracy`, `domain_accuracy`,
-        `num_source`, `num_target`, `per_class` ({domain: {class: accuracy}}) and
-        `confusion` ({domain: matrix as nested lists}).
+        `num_source`, `num_target`, `per_class` ({domain: {class: accuracy}}),
+        `confusion` ({domain: matrix as nested lists}), `domain_confusion` (rows:
+        true source / target, normalised) and `average_precision` ({domain: the
+        label classifier's mean over classes, one class against the rest}).
     """
-    report = {"per_class": {}, "confusion": {}}
-    domain_correct = []
-    classes = list(range(len(split.class_names)))
-    for domain_index, domain in enumerate(data_utils.DOMAINS):
-        files = getattr(split, domain)
-        predicted, says_target = predict_domain(model, files, batch_size)
-        labels = np.asarray(files.labels)
+    return report_of(predict_split(model, split, batch_size), split.class_names)
+
+
+def report_of(predictions, class_names):
+    """The report `evaluate` returns, from `predict_split`'s predictions."""
+    report = {"per_class": {}, "confusion": {}, "average_precision": {}}
+    classes = list(range(len(class_names)))
+    for domain, (labels, class_logits, _) in predictions.items():
+        predicted = np.argmax(class_logits, axis=-1)
         report[f"{domain}_accuracy"] = float(metrics.accuracy_score(labels, predicted))
-        report[f"num_{domain}"] = len(files)
+        report[f"num_{domain}"] = len(labels)
         matrix = metrics.confusion_matrix(labels, predicted, labels=classes)
         report["confusion"][domain] = matrix.tolist()
         report["per_class"][domain] = {
             name: float(matrix[k, k] / matrix[k].sum()) if matrix[k].sum() else None
-            for k, name in enumerate(split.class_names)}
-        domain_correct.append(says_target == bool(domain_index))
-    report["domain_accuracy"] = float(np.mean(np.concatenate(domain_correct)))
+            for k, name in enumerate(class_names)}
+        present = [k for k in classes if matrix[k].sum()]
+        report["average_precision"][domain] = float(np.mean([
+            metrics.average_precision_score(labels == k, class_logits[:, k])
+            for k in present]))
+    is_target = np.concatenate([np.full(len(predictions[d][0]), d == "target")
+                                for d in data_utils.DOMAINS])
+    says_target = np.concatenate([predictions[d][2] > 0 for d in data_utils.DOMAINS])
+    report["domain_accuracy"] = float(np.mean(says_target == is_target))
+    report["domain_confusion"] = metrics.confusion_matrix(
+        is_target, says_target, labels=[False, True], normalize="true").tolist()
     return report
 
 
@@ -102,13 +120,20 @@ def tsne_figure(model, split, path, per_domain=1000, seed=0):
                          f"t-SNE of the features ({model.mode})", path)
 
 
-def write_report(report, outputs, class_names, label):
-    """Writes the JSON report and per-domain confusion matrices where `outputs` say."""
+def write_report(report, predictions, outputs, class_names, label):
+    """Writes the JSON report and the figures where `outputs` say: per domain the
+    confusion matrix and the precision-recall curves, and the domain classifier's
+    confusion matrix."""
     write_atomically(outputs["report"], lambda handle: json.dump(report, handle, indent=1))
-    for domain in data_utils.DOMAINS:
-        plots.confusion_matrix(
-            report["confusion"][domain], class_names,
-            f"{label}: {domain} ({report[f'{domain}_accuracy']:.4f})", outputs[domain])
+    for domain, (labels, class_logits, _) in predictions.items():
+        title = f"{label}: {domain} ({report[f'{domain}_accuracy']:.4f})"
+        plots.confusion_matrix(report["confusion"][domain], class_names, title,
+                               outputs[f"confusion_{domain}"])
+        plots.precision_recall(labels, class_logits, class_names, title,
+                               outputs[f"pr_{domain}"])
+    plots.confusion_matrix(report["domain_confusion"], list(data_utils.DOMAINS),
+                           f"{label}: domain classifier, normalised by true domain",
+                           outputs["confusion_domain"], normalised_only=True)
 
 
 def summary_table(report):
@@ -146,10 +171,12 @@ def run(model_dir, test_dir, weights_fname=None, skip_bad_images=False, tsne=Fal
     if not tsne:
         del outputs["tsne"]
     with data_utils.naming_unreadable([split], channels):
+        predictions = predict_split(model, split)
         report = {"model": path, "test_dir": test_dir, "mode": model.mode,
-                  "skipped_images": skipped, **evaluate(model, split),
+                  "skipped_images": skipped,
+                  **report_of(predictions, split.class_names),
                   "outputs": sorted(outputs.values())}
         if tsne:
             tsne_figure(model, split, outputs["tsne"])
-    write_report(report, outputs, split.class_names, model.mode)
+    write_report(report, predictions, outputs, split.class_names, model.mode)
     return report

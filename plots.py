@@ -58,14 +58,43 @@ def training_curves(history, path):
     save_figure(figure, path)
 
 
-def confusion_matrix(matrix, class_names, title, path):
-    """Draws a confusion matrix (rows: true class, columns: predicted class)."""
+def confusion_matrix(matrix, class_names, title, path, normalised_only=False):
+    """Draws a confusion matrix (rows: true class, columns: predicted class): the
+    counts and, beside them, each row normalised to 1 (or only the latter)."""
+    matrix = np.asarray(matrix, np.float64)
+    totals = matrix.sum(axis=1, keepdims=True)
+    panels = [(np.divide(matrix, totals, out=np.zeros_like(matrix), where=totals > 0),
+               "normalised by true class", ".2f")]
+    if not normalised_only:
+        panels.insert(0, (matrix.astype(np.int64), "counts", "d"))
     size = max(4.0, 0.5 * len(class_names) + 2)
-    figure, axis = plt.subplots(figsize=(size, size))
-    display = metrics.ConfusionMatrixDisplay(np.asarray(matrix), display_labels=class_names)
-    display.plot(ax=axis, cmap="Blues", colorbar=False, xticks_rotation="vertical",
-                 include_values=len(class_names) <= 20)
+    figure, axes = plt.subplots(1, len(panels), figsize=(size * len(panels), size),
+                                squeeze=False)
+    for axis, (values, subtitle, value_format) in zip(axes[0], panels):
+        metrics.ConfusionMatrixDisplay(values, display_labels=class_names).plot(
+            ax=axis, cmap="Blues", colorbar=False, xticks_rotation="vertical",
+            include_values=len(class_names) <= 20, values_format=value_format)
+        axis.set_title(subtitle, fontsize=9)
+    figure.suptitle(title)
+    save_figure(figure, path)
+
+
+def precision_recall(labels, scores, class_names, title, path, most_classes=10):
+    """Precision-recall curves of the label classifier, one class against the rest,
+    for up to `most_classes` classes (then only the micro-average over all)."""
+    figure, axis = plt.subplots(figsize=(6, 5))
+    labels, scores = np.asarray(labels), np.asarray(scores)
+    if len(class_names) <= most_classes:
+        for index, name in enumerate(class_names):
+            if np.any(labels == index):
+                metrics.PrecisionRecallDisplay.from_predictions(
+                    labels == index, scores[:, index], name=name, ax=axis)
+    else:
+        onehot = np.eye(len(class_names), dtype=bool)[labels]
+        metrics.PrecisionRecallDisplay.from_predictions(
+            onehot.ravel(), scores.ravel(), name="micro-average", ax=axis)
     axis.set_title(title)
+    axis.legend(fontsize=7, loc="lower left")
     save_figure(figure, path)
 
 

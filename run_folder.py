@@ -29,7 +29,7 @@ CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_PATTERN = re.compile(r"^ckpt-(\d+)\.keras$")
 LOCK_FILE = ".lock"
 REPORT_FILE = "eval_report.json"
-EVAL_PATTERNS = ("eval_report*.json", "confusion_*.png", "tsne*.png")
+EVAL_PATTERNS = ("eval_report*.json", "confusion_*.png", "pr_*.png", "tsne*.png")
 RUN_FILES = (FINAL_MODEL, FLAGS_FILE, CHECKPOINT_DIR, HISTORY_CSV, HISTORY_JSON,
              CURVES_PNG, "logs")
 
@@ -64,16 +64,17 @@ def model_to_evaluate(model_dir, weights_fname=None):
 def eval_outputs(model_dir, model_path):
     """Where eval.py writes its report and figures for the model at `model_path`.
 
-    The final model's are eval_report.json, confusion_<domain>.png and tsne.png; a
-    checkpoint's carry its name (eval_report-ckpt-00000032.json, ...), so they never
-    replace the final model's.
+    The final model's are eval_report.json, confusion_{source,target,domain}.png,
+    pr_{source,target}.png and tsne.png; a checkpoint's carry its name
+    (eval_report-ckpt-00000032.json, ...), so they never replace the final model's.
     """
     name = os.path.splitext(os.path.basename(model_path))[0]
     suffix = "" if os.path.abspath(model_path) == os.path.abspath(
         os.path.join(model_dir, FINAL_MODEL)) else f"-{name}"
     names = {"report": f"eval_report{suffix}.json", "tsne": f"tsne{suffix}.png",
-             **{domain: f"confusion_{domain}{suffix}.png"
-                for domain in ("source", "target")}}
+             **{f"{kind}_{of}": f"{kind}_{of}{suffix}.png" for kind, of in (
+                 ("confusion", "source"), ("confusion", "target"),
+                 ("confusion", "domain"), ("pr", "source"), ("pr", "target"))}}
     return {key: os.path.join(model_dir, value) for key, value in names.items()}
 
 

@@ -53,8 +53,8 @@ def main(argv):
     except training.TrainingStopped as stop:
         print(f"stopped: {stop}", file=sys.stderr)
         sys.exit(stop.exit_code)
-    summary = ", ".join(f"{key} {value:.4f}" for key, value in sorted(history[-1].items())
-                        if key != "epoch")
+    summary = ", ".join(f"{key} {value:.4f}" for key, value in
+                        sorted((history[-1] if history else {}).items()) if key != "epoch")
     print(f"Trained {config.mode} for {config.num_epochs} epochs into "
           f"{config.model_dir}: {summary}")
 

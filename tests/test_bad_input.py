@@ -1,6 +1,7 @@
 """Each bad input gives one clear line, a non-zero exit, and leaves the run intact."""
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -215,3 +216,38 @@ def test_a_second_run_in_the_same_folder_is_refused_at_once(tiny_data, tmp_path)
     again = run_script("train.py", *command[3:5], "--num_epochs=1", "--overwrite")
     assert again.returncode == 0, again.stderr[-3000:]
     assert not os.path.exists(os.path.join(model_dir, ".lock"))
+
+
+def test_ctrl_c_at_epoch_boundaries_keeps_one_history_row_per_epoch(tiny_data, tmp_path):
+    # 6 steps an epoch, all in one compiled call: every stop lands on an epoch's end.
+    common = [f"--train_dir={tiny_data}/train", "--num_epochs=4", "--batch_size=8",
+              "--log_rate=1000"]
+    reference = run_script("train.py", *common, f"--model_dir={tmp_path}/reference")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    model_dir = str(tmp_path / "interrupted")
+    command = [sys.executable, "-u", os.path.join(REPO, "train.py"), *common,
+               f"--model_dir={model_dir}"]
+    stops = 0
+    for attempt in range(6):
+        process = subprocess.Popen(command + (["--restore_model"] if attempt else []),
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True)
+        for line in process.stdout:
+            if line.startswith("Epoch "):
+                process.send_signal(signal.SIGINT)
+                break
+        _, stderr = process.communicate(timeout=300)
+        if process.returncode == 0:
+            break
+        assert process.returncode == 130, stderr[-3000:]
+        stops += 1
+    assert stops >= 2
+    history = json.load(open(os.path.join(model_dir, "history.json")))
+    assert [(row["epoch"], row["steps"]) for row in history] == [
+        (epoch, 6) for epoch in (1, 2, 3, 4)]
+    import models  # noqa: F401  (registers the DANN classes for loading)
+
+    final = [keras.saving.load_model(os.path.join(folder, "model.keras")).weights
+             for folder in (f"{tmp_path}/reference", model_dir)]
+    for a, b in zip(*final):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())

@@ -49,8 +49,14 @@ def test_eval_prints_a_table_and_writes_the_report(trained_run, tiny_data):
     assert report["num_source"] == report["num_target"] == 24
     assert set(report["per_class"]) == {"source", "target"}
     assert set(report["per_class"]["target"]) == {"class_0", "class_1", "class_2"}
-    for name in ("confusion_source.png", "confusion_target.png"):
+    for name in ("confusion_source.png", "confusion_target.png", "confusion_domain.png",
+                 "pr_source.png", "pr_target.png"):
         assert os.path.getsize(os.path.join(trained_run, name)) > 1000
+    rows = np.asarray(report["domain_confusion"])
+    np.testing.assert_allclose(rows.sum(axis=1), [1.0, 1.0])
+    # Its diagonal, weighted by the domains' sizes (equal here), is the domain accuracy.
+    assert np.mean(np.diag(rows)) == pytest.approx(report["domain_accuracy"])
+    assert set(report["average_precision"]) == {"source", "target"}
 
 
 def test_saved_flags_are_train_py_flags_only(trained_run):
@@ -86,7 +92,8 @@ def test_bad_flag_values_are_refused_before_anything_loads(flag, tmp_path):
 
 
 def test_eval_without_a_model_is_one_clear_line(tmp_path, tiny_data):
-    result = run_script("eval.py", f"--model_dir={tmp_path}", f"--test_dir={tiny_data}/test")
+    result = run_script("eval.py", f"--model_dir={tmp_path}",
+                        f"--test_dir={tiny_data}/test")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: no model at")
     assert "Traceback" not in result.stderr
@@ -154,13 +161,14 @@ def test_evaluation_predicts_what_the_model_computes_image_by_image(trained_run,
     model = evaluation.load_trained_model(os.path.join(trained_run, "model.keras"))
     files = data_utils.scan_split(os.path.join(tiny_data, "test")).target
     # 24 images in batches of 2, 8 batches per call: two full calls and a partial one.
-    predicted, says_target = evaluation.predict_domain(model, files, batch_size=2)
+    class_logits, domain_logits = evaluation.predict_domain(model, files, batch_size=2)
     images = np.stack([data_utils.decode_image(path, (28, 28), 3).numpy()
                        for path in files.paths])
     outputs = model(images, training=False)
-    np.testing.assert_array_equal(predicted,
-                                  np.argmax(outputs["class_logits"], axis=-1))
-    np.testing.assert_array_equal(says_target, outputs["domain_logits"][:, 0] > 0)
+    np.testing.assert_allclose(class_logits, outputs["class_logits"], rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_allclose(domain_logits, outputs["domain_logits"][:, 0], rtol=1e-5,
+                               atol=1e-5)
 
 
 def test_bench_measures_evaluation_and_its_decoding_alone(trained_run, tiny_data):
@@ -239,11 +247,12 @@ def test_eval_of_a_checkpoint_keeps_the_final_models_report(trained_run, tiny_da
                         f"--test_dir={tiny_data}/test", f"--weights_fname={name}")
     assert result.returncode == 0, result.stderr[-3000:]
     written = [os.path.join(trained_run, f"{stem}-ckpt-00000006.{ext}") for stem, ext in
-               (("confusion_source", "png"), ("confusion_target", "png"),
-                ("eval_report", "json"))]
+               (("confusion_domain", "png"), ("confusion_source", "png"),
+                ("confusion_target", "png"), ("eval_report", "json"),
+                ("pr_source", "png"), ("pr_target", "png"))]
     assert f"Wrote {', '.join(written)}" in result.stdout
     assert (open(final_report).read() if os.path.exists(final_report) else None) == before
-    report = json.load(open(written[-1]))
+    report = json.load(open(written[3]))
     assert report["model"] == os.path.join(trained_run, "checkpoints",
                                            "ckpt-00000006.keras")
 

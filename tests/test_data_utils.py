@@ -243,8 +243,9 @@ def test_a_full_disk_is_one_clear_error_and_keeps_the_old_file(tmp_path):
 def test_tensorflow_start_up_notes_are_left_out_and_other_lines_kept():
     code = ("import os, file_utils\n"
             "with file_utils.without_start_up_notes():\n"
-            "    os.write(2, b'WARNING: All log messages before absl::InitializeLog() is"
-            " called\\nI0 port.cc:153] oneDNN custom operations are on.\\nreal problem\\n')\n")
+            "    os.write(2, b'WARNING: All log messages before absl::InitializeLog()"
+            " is called\\nI0 port.cc:153] oneDNN custom operations are on.\\n"
+            "real problem\\n')\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=os.path.dirname(file_utils.__file__))
     assert result.returncode == 0

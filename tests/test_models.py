@@ -169,7 +169,7 @@ def test_domain_loss_reaches_the_features_only_in_dann_mode():
         assert (norm > 0) == expect_change, mode
 
 
-def test_one_dann_step_raises_the_domain_loss_through_the_features_and_lowers_it_in_the_head():
+def test_a_dann_step_raises_the_domain_loss_via_the_features_and_lowers_it_in_the_head():
     rng = np.random.default_rng(5)
     batch = _batch(rng, n=16)
     model = models.build_dann((28, 28, 3), 10, [0.5] * 3, "dann", 100, momentum=0.0)
