@@ -115,6 +115,32 @@ def test_stray_files_are_ignored_and_mixed_sizes_resized(tiny_data, tmp_path):
                         "--batch_size=16")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ignored 2 files that are not images" in result.stderr
+    # eval.py says as much about the split it evaluates.
+    shutil.rmtree(os.path.join(root, "test"))
+    shutil.copytree(os.path.join(root, "train"), os.path.join(root, "test"))
+    result = run_script("eval.py", f"--model_dir={tmp_path}/run",
+                        f"--test_dir={root}/test")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ignored 2 files that are not images" in result.stderr
+
+
+def test_an_existing_run_is_refused_before_the_default_data_is_built(existing_run):
+    default_data = os.path.join(REPO, "data", "mnist_mnistm")
+    had_data = os.path.exists(default_data)
+    result = run_script("train.py", f"--model_dir={existing_run}")
+    assert_one_line_error(result, existing_run, "already holds a run")
+    assert os.path.exists(default_data) == had_data
+    assert "building MNIST -> MNIST-M" not in result.stdout
+
+
+def test_plots_py_without_the_default_data_is_one_clear_line(tmp_path):
+    for name in ("plots.py", "data_utils.py", "file_utils.py"):
+        shutil.copy(os.path.join(REPO, name), tmp_path)
+    result = subprocess.run([sys.executable, str(tmp_path / "plots.py")],
+                            capture_output=True, text=True, timeout=120)
+    assert_one_line_error(result, str(tmp_path / "data" / "mnist_mnistm" / "train"),
+                          "python mnist_m.py")
+    assert not os.path.exists(tmp_path / "img")
 
 
 def test_model_dir_that_is_a_file(tiny_data, tmp_path):
@@ -251,3 +277,28 @@ def test_ctrl_c_at_epoch_boundaries_keeps_one_history_row_per_epoch(tiny_data, t
              for folder in (f"{tmp_path}/reference", model_dir)]
     for a, b in zip(*final):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_a_resume_inside_an_epoch_marks_that_rows_partial_steps(tiny_data, tmp_path):
+    common = [f"--train_dir={tiny_data}/train", "--num_epochs=2", "--batch_size=8",
+              "--steps_per_execution=1", "--log_rate=1000"]
+    model_dir = str(tmp_path / "run")
+    process = subprocess.Popen(
+        [sys.executable, "-u", os.path.join(REPO, "train.py"), *common,
+         f"--model_dir={model_dir}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    for line in process.stdout:
+        if line.startswith("Epoch 2/"):
+            process.send_signal(signal.SIGINT)
+            break
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr[-3000:]
+    resumed = run_script("train.py", *common, f"--model_dir={model_dir}",
+                         "--restore_model")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    history = json.load(open(os.path.join(model_dir, "history.json")))
+    # One row per epoch; wherever the stop landed, the rows' steps add up to the run's.
+    assert [row["epoch"] for row in history] == [1, 2]
+    assert history[0]["steps"] == 6 and 1 <= history[1]["steps"] <= 6
+    stopped_at = int(stderr.strip().splitlines()[-1].split("step ")[1].split(":")[0])
+    assert history[1]["steps"] == 12 - stopped_at or stopped_at == 12
