@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import models  # noqa: F401  (registers the DANN classes, for loading saved runs)
 from conftest import write_split
 from test_cli import REPO, run_script
 
@@ -48,6 +49,20 @@ def train_into(existing_run, train_dir, *extra):
     return run_script("train.py", f"--train_dir={train_dir}",
                       f"--model_dir={existing_run}", "--overwrite", "--num_epochs=1",
                       "--batch_size=16", *extra)
+
+
+def start_training(args, until_line, signum=None):
+    """Starts train.py with `args`; once it prints a line starting with `until_line`,
+    sends it `signum` (if given) and returns the running process."""
+    process = subprocess.Popen([sys.executable, "-u", os.path.join(REPO, "train.py"),
+                                *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    for line in process.stdout:
+        if line.startswith(until_line):
+            if signum is not None:
+                process.send_signal(signum)
+            break
+    return process
 
 
 def broken_copy(tiny_data, tmp_path):
@@ -182,15 +197,9 @@ def test_eval_refuses_a_keras_file_from_another_program(tmp_path, tiny_data, mak
 
 def test_sigterm_saves_a_checkpoint_and_restore_finishes_the_run(tiny_data, tmp_path):
     model_dir = str(tmp_path / "run")
-    command = [sys.executable, "-u", os.path.join(REPO, "train.py"),
-               f"--train_dir={tiny_data}/train", f"--model_dir={model_dir}",
-               "--num_epochs=100", "--batch_size=8", "--log_rate=1000"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
-    for line in process.stdout:
-        if line.startswith("Epoch 3/"):
-            process.send_signal(signal.SIGTERM)
-            break
+    process = start_training([f"--train_dir={tiny_data}/train", f"--model_dir={model_dir}",
+                              "--num_epochs=100", "--batch_size=8", "--log_rate=1000"],
+                             "Epoch 3/", signal.SIGTERM)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 143, stderr[-3000:]
     assert "Traceback" not in stderr
@@ -227,41 +236,29 @@ def test_a_run_that_diverged_before_any_checkpoint_says_to_overwrite(tiny_data, 
 
 def test_a_second_run_in_the_same_folder_is_refused_at_once(tiny_data, tmp_path):
     model_dir = str(tmp_path / "run")
-    command = [sys.executable, "-u", os.path.join(REPO, "train.py"),
-               f"--train_dir={tiny_data}/train", f"--model_dir={model_dir}",
-               "--num_epochs=100", "--batch_size=8", "--log_rate=1000"]
-    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
-    for line in first.stdout:
-        if line.startswith("Epoch 2/"):
-            break
-    second = run_script("train.py", *command[3:], "--seed=2")
+    args = [f"--train_dir={tiny_data}/train", f"--model_dir={model_dir}"]
+    first = start_training([*args, "--num_epochs=100", "--batch_size=8"], "Epoch 2/")
+    second = run_script("train.py", *args, "--seed=2")
     first.send_signal(signal.SIGKILL)  # a killed run must not block the folder
     first.communicate(timeout=60)
     assert_one_line_error(second, model_dir, f"in use by process {first.pid}")
-    again = run_script("train.py", *command[3:5], "--num_epochs=1", "--overwrite")
+    again = run_script("train.py", *args, "--num_epochs=1", "--overwrite")
     assert again.returncode == 0, again.stderr[-3000:]
     assert not os.path.exists(os.path.join(model_dir, ".lock"))
 
 
 def test_ctrl_c_at_epoch_boundaries_keeps_one_history_row_per_epoch(tiny_data, tmp_path):
     # 6 steps an epoch, all in one compiled call: every stop lands on an epoch's end.
-    common = [f"--train_dir={tiny_data}/train", "--num_epochs=4", "--batch_size=8",
+    common = [f"--train_dir={tiny_data}/train", "--num_epochs=3", "--batch_size=8",
               "--log_rate=1000"]
     reference = run_script("train.py", *common, f"--model_dir={tmp_path}/reference")
     assert reference.returncode == 0, reference.stderr[-3000:]
     model_dir = str(tmp_path / "interrupted")
-    command = [sys.executable, "-u", os.path.join(REPO, "train.py"), *common,
-               f"--model_dir={model_dir}"]
     stops = 0
     for attempt in range(6):
-        process = subprocess.Popen(command + (["--restore_model"] if attempt else []),
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   text=True)
-        for line in process.stdout:
-            if line.startswith("Epoch "):
-                process.send_signal(signal.SIGINT)
-                break
+        process = start_training([*common, f"--model_dir={model_dir}"]
+                                 + (["--restore_model"] if attempt else []),
+                                 "Epoch ", signal.SIGINT)
         _, stderr = process.communicate(timeout=300)
         if process.returncode == 0:
             break
@@ -270,9 +267,7 @@ def test_ctrl_c_at_epoch_boundaries_keeps_one_history_row_per_epoch(tiny_data, t
     assert stops >= 2
     history = json.load(open(os.path.join(model_dir, "history.json")))
     assert [(row["epoch"], row["steps"]) for row in history] == [
-        (epoch, 6) for epoch in (1, 2, 3, 4)]
-    import models  # noqa: F401  (registers the DANN classes for loading)
-
+        (epoch, 6) for epoch in (1, 2, 3)]
     final = [keras.saving.load_model(os.path.join(folder, "model.keras")).weights
              for folder in (f"{tmp_path}/reference", model_dir)]
     for a, b in zip(*final):
@@ -283,14 +278,8 @@ def test_a_resume_inside_an_epoch_marks_that_rows_partial_steps(tiny_data, tmp_p
     common = [f"--train_dir={tiny_data}/train", "--num_epochs=2", "--batch_size=8",
               "--steps_per_execution=1", "--log_rate=1000"]
     model_dir = str(tmp_path / "run")
-    process = subprocess.Popen(
-        [sys.executable, "-u", os.path.join(REPO, "train.py"), *common,
-         f"--model_dir={model_dir}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True)
-    for line in process.stdout:
-        if line.startswith("Epoch 2/"):
-            process.send_signal(signal.SIGINT)
-            break
+    process = start_training([*common, f"--model_dir={model_dir}"], "Epoch 2/",
+                             signal.SIGINT)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 130, stderr[-3000:]
     resumed = run_script("train.py", *common, f"--model_dir={model_dir}",
