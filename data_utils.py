@@ -10,6 +10,7 @@ import dataclasses
 import os
 
 import tensorflow as tf
+from absl import logging
 
 from file_utils import IMAGE_EXTENSIONS, UserError
 
@@ -182,6 +183,19 @@ def without_unreadable(split, channels):
         setattr(split, domain, DomainFiles([p for p, _ in kept], [lb for _, lb in kept]))
         dropped += len(bad)
     return split, dropped
+
+
+def scan_and_log(split_dir, class_names, skip_bad_images, channels):
+    """`scan_split`, logging ignored files, and with `skip_bad_images` the split
+    without its unreadable images; returns (SplitFiles, number of images skipped)."""
+    split, skipped = scan_split(split_dir, class_names), 0
+    if split.ignored_files:
+        logging.info("%s: ignored %d files that are not images", split_dir,
+                     split.ignored_files)
+    if skip_bad_images:
+        split, skipped = without_unreadable(split, channels)
+        logging.info("%s: skipped %d unreadable images", split_dir, skipped)
+    return split, skipped
 
 
 def check_readable(splits, channels):

@@ -7,7 +7,6 @@ import os
 
 import keras
 import numpy as np
-from absl import logging
 from sklearn import manifold, metrics
 
 import data_utils
@@ -159,14 +158,9 @@ def run(model_dir, test_dir, weights_fname=None, skip_bad_images=False, tsne=Fal
     """
     path = run_folder.model_to_evaluate(model_dir, weights_fname)
     model = load_trained_model(path)
-    split = data_utils.scan_split(test_dir, model.class_names)
-    if split.ignored_files:
-        logging.info("%s: ignored %d files that are not images", test_dir,
-                     split.ignored_files)
-    channels, skipped = model.image_shape[2], 0
-    if skip_bad_images:
-        split, skipped = data_utils.without_unreadable(split, channels)
-        logging.info("%s: skipped %d unreadable images", test_dir, skipped)
+    channels = model.image_shape[2]
+    split, skipped = data_utils.scan_and_log(test_dir, model.class_names,
+                                             skip_bad_images, channels)
     outputs = run_folder.eval_outputs(model_dir, path)
     if not tsne:
         del outputs["tsne"]

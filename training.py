@@ -90,14 +90,9 @@ class TrainingData:
 
 def load_split(split_dir, config, class_names=None):
     """Scans a split and returns (SplitFiles, source and target `decoded_batches`)."""
-    split = data_utils.scan_split(split_dir, class_names)
-    if split.ignored_files:
-        logging.info("%s: ignored %d files that are not images", split_dir,
-                     split.ignored_files)
     shape = image_shape(config)
-    if config.skip_bad_images:
-        split, dropped = data_utils.without_unreadable(split, shape[2])
-        logging.info("%s: skipped %d unreadable images", split_dir, dropped)
+    split, _ = data_utils.scan_and_log(split_dir, class_names, config.skip_bad_images,
+                                       shape[2])
     return (split, data_utils.decoded_batches(split.source, shape[:2], shape[2]),
             data_utils.decoded_batches(split.target, shape[:2], shape[2]))
 
