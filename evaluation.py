@@ -7,6 +7,7 @@ import os
 
 import keras
 import numpy as np
+from scipy import special
 from sklearn import manifold, metrics
 
 import data_utils
@@ -50,10 +51,14 @@ def predict_domain(model, files, batch_size=EVAL_BATCH_SIZE):
 
 
 def predict_split(model, split, batch_size=EVAL_BATCH_SIZE):
-    """{domain: (labels, class logits, domain logits)} for a scanned split."""
-    return {domain: (np.asarray(getattr(split, domain).labels),
-                     *predict_domain(model, getattr(split, domain), batch_size))
-            for domain in data_utils.DOMAINS}
+    """{domain: (labels, class probabilities, domain logits)} for a scanned split."""
+    predictions = {}
+    for domain in data_utils.DOMAINS:
+        files = getattr(split, domain)
+        class_logits, domain_logits = predict_domain(model, files, batch_size)
+        predictions[domain] = (np.asarray(files.labels),
+                               special.softmax(class_logits, axis=-1), domain_logits)
+    return predictions
 
 
 def evaluate(model, split, batch_size=EVAL_BATCH_SIZE):
@@ -73,8 +78,8 @@ def report_of(predictions, class_names):
     """The report `evaluate` returns, from `predict_split`'s predictions."""
     report = {"per_class": {}, "confusion": {}, "average_precision": {}}
     classes = list(range(len(class_names)))
-    for domain, (labels, class_logits, _) in predictions.items():
-        predicted = np.argmax(class_logits, axis=-1)
+    for domain, (labels, probabilities, _) in predictions.items():
+        predicted = np.argmax(probabilities, axis=-1)
         report[f"{domain}_accuracy"] = float(metrics.accuracy_score(labels, predicted))
         report[f"num_{domain}"] = len(labels)
         matrix = metrics.confusion_matrix(labels, predicted, labels=classes)
@@ -84,7 +89,7 @@ def report_of(predictions, class_names):
             for k, name in enumerate(class_names)}
         present = [k for k in classes if matrix[k].sum()]
         report["average_precision"][domain] = float(np.mean([
-            metrics.average_precision_score(labels == k, class_logits[:, k])
+            metrics.average_precision_score(labels == k, probabilities[:, k])
             for k in present]))
     is_target = np.concatenate([np.full(len(predictions[d][0]), d == "target")
                                 for d in data_utils.DOMAINS])
@@ -124,11 +129,11 @@ def write_report(report, predictions, outputs, class_names, label):
     confusion matrix and the precision-recall curves, and the domain classifier's
     confusion matrix."""
     write_atomically(outputs["report"], lambda handle: json.dump(report, handle, indent=1))
-    for domain, (labels, class_logits, _) in predictions.items():
+    for domain, (labels, probabilities, _) in predictions.items():
         title = f"{label}: {domain} ({report[f'{domain}_accuracy']:.4f})"
         plots.confusion_matrix(report["confusion"][domain], class_names, title,
                                outputs[f"confusion_{domain}"])
-        plots.precision_recall(labels, class_logits, class_names, title,
+        plots.precision_recall(labels, probabilities, class_names, title,
                                outputs[f"pr_{domain}"])
     plots.confusion_matrix(report["domain_confusion"], list(data_utils.DOMAINS),
                            f"{label}: domain classifier, normalised by true domain",

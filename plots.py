@@ -172,20 +172,22 @@ def sample_grid(split, path, per_class=2, seed=0):
 
 def main():
     """Draws the README's figures in img/: the architecture and a sample grid."""
+    import common_flags  # defines no flag: the default paths only
+
     with without_start_up_notes():
         import data_utils
 
-    repo = os.path.dirname(os.path.abspath(__file__))
-    train_dir = os.path.join(repo, "data", "mnist_mnistm", "train")
+    train_dir = os.path.join(common_flags.DEFAULT_DATA_DIR, "train")
     try:
         split = data_utils.scan_split(train_dir)
     except data_utils.UserError as error:
         print(f"error: {error} (python mnist_m.py builds the default data set)",
               file=sys.stderr)
         sys.exit(2)
-    os.makedirs(os.path.join(repo, "img"), exist_ok=True)
-    architecture_diagram(os.path.join(repo, "img", "architecture.png"))
-    sample_grid(split, os.path.join(repo, "img", "samples.png"))
+    folder = os.path.join(common_flags.REPO_DIR, "img")
+    os.makedirs(folder, exist_ok=True)
+    architecture_diagram(os.path.join(folder, "architecture.png"))
+    sample_grid(split, os.path.join(folder, "samples.png"))
 
 
 if __name__ == "__main__":

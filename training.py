@@ -85,7 +85,12 @@ class TrainingData:
     target: object
     validation: object = None
     validation_steps: int = None
-    splits: list = dataclasses.field(default_factory=list)
+    val: data_utils.SplitFiles = None
+
+    @property
+    def splits(self):
+        """The scanned splits the run reads: training, and validation if any."""
+        return [self.train] + ([self.val] if self.val else [])
 
 
 def load_split(split_dir, config, class_names=None):
@@ -100,13 +105,13 @@ def load_split(split_dir, config, class_names=None):
 def load_data(config):
     """The training split and, with --val_dir, the validation stream."""
     data = TrainingData(*load_split(config.train_dir, config))
-    data.splits.append(data.train)
     if config.val_dir:
-        val, source, target = load_split(config.val_dir, config, data.train.class_names)
-        data.splits.append(val)
+        data.val, source, target = load_split(config.val_dir, config,
+                                              data.train.class_names)
         batch_size = config.batch_size * 4
         data.validation = data_utils.evaluation_dataset(source, target, batch_size)
-        data.validation_steps = -(-(len(val.source) + len(val.target)) // batch_size)
+        data.validation_steps = -(-(len(data.val.source) + len(data.val.target))
+                                  // batch_size)
     return data
 
 

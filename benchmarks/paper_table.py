@@ -171,10 +171,9 @@ def main(argv):
              "versions": bench.versions(), "commit": commit(),
              "wall_seconds": time.perf_counter() - started}
     write_atomically(f"{FLAGS.output_prefix}.json",
-                                lambda handle: json.dump(table, handle, indent=1))
+                     lambda handle: json.dump(table, handle, indent=1))
     text = markdown(table)
-    write_atomically(f"{FLAGS.output_prefix}.md",
-                                lambda handle: handle.write(text))
+    write_atomically(f"{FLAGS.output_prefix}.md", lambda handle: handle.write(text))
     print(text)
 
 
