@@ -18,7 +18,8 @@ REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA_DIR = os.path.join(REPO_DIR, "data", "mnist_mnistm")
 DEFAULT_MODEL_DIR = os.path.join(REPO_DIR, "runs", "dann")
 CACHE_DIR = os.path.join(REPO_DIR, "data", "cache")
-NOT_RECORDED = ("restore_model", "overwrite")  # flags.txt replays a run, not these
+# flags.txt replays a run: not how it was resumed, replaced or spread over devices.
+NOT_RECORDED = ("restore_model", "overwrite", "distribute")
 RULES = {  # name: (test, what the error message says the value must be)
     "positive": (lambda value: value >= 1, "must be a positive integer"),
     "at least 0": (lambda value: value >= 0, "must be zero or positive"),
@@ -73,6 +74,20 @@ RUN = {
         "inside each step). Progress, Ctrl-C and NaN checks happen between calls.",
         "positive"),
     "seed": Setting(0, "Random seed of weights and data order."),
+    "precision": Setting(
+        "float32", "float32: the paper's arithmetic. mixed_bfloat16: hidden layers "
+        "compute in bfloat16 (faster on GPUs and on CPUs with BF16 support, e.g. AVX-512 "
+        "BF16 or AMX); mixed_float16: float16 with dynamic loss scaling (NVIDIA GPUs). "
+        "Logits, losses, lambda and the input normalisation stay float32.",
+        choices=("float32", "mixed_bfloat16", "mixed_float16")),
+    "distribute": Setting(
+        "auto", "none: one device. mirrored: all GPUs of this machine "
+        "(tf.distribute.MirroredStrategy). multi_worker: several machines, each named "
+        "in the TF_CONFIG environment variable (MultiWorkerMirroredStrategy). auto: "
+        "multi_worker if TF_CONFIG names several workers, else mirrored if more than one "
+        "GPU is visible, else none. --batch_size stays the batch of one step, split "
+        "across the devices, so the result does not depend on their number.",
+        choices=("auto", "none", "mirrored", "multi_worker")),
     "log_rate": Setting(5, "Epochs between checkpoints (the last epoch is always saved).",
                         "positive"),
     "restore_model": Setting(False, "Resume the run in --model_dir from its latest "

@@ -14,7 +14,9 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 # Notes TensorFlow's native libraries write to file descriptor 2 as they load, before
 # any log level applies (TF_CPP_MIN_LOG_LEVEL does not hide them).
 START_UP_NOTES = re.compile(r"absl::InitializeLog|oneDNN custom operations are on|"
-                            r"cpu_feature_guard|^To enable the following instructions")
+                            r"cpu_feature_guard|^To enable the following instructions|"
+                            # The `tensorflow` package on a machine without a GPU:
+                            r"Could not find cuda drivers|failed call to cuInit")
 
 
 class UserError(Exception):
@@ -72,6 +74,9 @@ def without_start_up_notes():
         os.dup2(captured.fileno(), 2)
         try:
             yield
+            tensorflow = sys.modules.get("tensorflow")
+            if tensorflow is not None:  # its devices start here, with their notes
+                tensorflow.config.list_physical_devices()
         finally:
             sys.stderr.flush()
             os.dup2(saved, 2)

@@ -9,6 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 MODES = ("dann", "source_only", "target_only")
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 SOURCE_DOMAIN, TARGET_DOMAIN = 0, 1
 
 
@@ -29,6 +30,8 @@ class GradientReversal(keras.layers.Layer):
             initializer=keras.initializers.Constant(self.initial_lambda),
             trainable=False,
             name="lambda",
+            # Every replica assigns the same value; the first one's is kept.
+            aggregation="only_first_replica",
         )
 
     def call(self, inputs):
@@ -78,37 +81,40 @@ class ScheduleLogger(keras.callbacks.Callback):
             logs["lr"] = float(self.model.optimizer.learning_rate)
 
 
-def feature_extractor(input_shape, mean):
+def feature_extractor(input_shape, mean, precision="float32"):
     """Pixels in [0, 255] -> the paper's 768-d MNIST features.
 
     The per-channel training mean is part of the network, so a saved model needs no
-    separate statistics file.
+    separate statistics file. The scaling and normalisation run in float32 whatever the
+    `precision` (a Keras dtype policy) of the layers after them.
     """
     return keras.Sequential(
         [
             keras.Input(shape=input_shape),
-            keras.layers.Rescaling(1.0 / 255.0),
-            keras.layers.Normalization(mean=list(mean), variance=[1.0] * len(mean)),
-            keras.layers.Conv2D(32, 5, activation="relu"),
-            keras.layers.MaxPooling2D(2, 2),
-            keras.layers.Conv2D(48, 5, activation="relu"),
-            keras.layers.MaxPooling2D(2, 2),
-            keras.layers.Flatten(),
+            keras.layers.Rescaling(1.0 / 255.0, dtype="float32"),
+            keras.layers.Normalization(mean=list(mean), variance=[1.0] * len(mean),
+                                       dtype="float32"),
+            keras.layers.Conv2D(32, 5, activation="relu", dtype=precision),
+            keras.layers.MaxPooling2D(2, 2, dtype=precision),
+            keras.layers.Conv2D(48, 5, activation="relu", dtype=precision),
+            keras.layers.MaxPooling2D(2, 2, dtype=precision),
+            keras.layers.Flatten(dtype=precision),
         ],
         name="features",
     )
 
 
-def dense_head(feature_dim, hidden_units, outputs, name):
-    """FC-ReLU layers of `hidden_units`, then FC(`outputs`) logits.
+def dense_head(feature_dim, hidden_units, outputs, name, precision="float32"):
+    """FC-ReLU layers of `hidden_units` in `precision`, then FC(`outputs`) float32 logits.
 
     The paper's label predictor is `dense_head(768, (100, 100), classes)`; its domain
     classifier, behind the GRL, `dense_head(768, (100,), 1)` (a logit, target = 1).
     """
     return keras.Sequential(
         [keras.Input(shape=(feature_dim,)),
-         *(keras.layers.Dense(units, activation="relu") for units in hidden_units),
-         keras.layers.Dense(outputs)], name=name)
+         *(keras.layers.Dense(units, activation="relu", dtype=precision)
+           for units in hidden_units),
+         keras.layers.Dense(outputs, dtype="float32")], name=name)
 
 
 @keras.saving.register_keras_serializable(package="dann")
@@ -126,22 +132,27 @@ class DANN(keras.Model):
     """
 
     def __init__(self, input_shape, num_classes, mean, mode="dann", class_names=None,
-                 total_steps=1, gamma=10.0, **kwargs):
+                 total_steps=1, gamma=10.0, precision="float32", **kwargs):
         super().__init__(**kwargs)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.precision = precision
         self.image_shape = tuple(int(d) for d in input_shape)
         self.num_classes, self.mode = int(num_classes), mode
         self.mean = [float(m) for m in mean]
         self.total_steps, self.gamma = int(total_steps), float(gamma)
         self.class_names = list(class_names) if class_names else [
             str(k) for k in range(self.num_classes)]
-        self.features = feature_extractor(self.image_shape, self.mean)
+        self.features = feature_extractor(self.image_shape, self.mean, precision)
         feature_dim = self.features.output_shape[-1]
         self.label_head = dense_head(feature_dim, (100, 100), self.num_classes,
-                                     "label_classifier")
-        self.grl = GradientReversal(0.0, name="gradient_reversal")
-        self.domain_head = dense_head(feature_dim, (100,), 1, "domain_classifier")
+                                     "label_classifier", precision)
+        # float32, so lambda scales the reversed gradient in full precision.
+        self.grl = GradientReversal(0.0, name="gradient_reversal", dtype="float32")
+        self.domain_head = dense_head(feature_dim, (100,), 1, "domain_classifier",
+                                      precision)
         self.labelled_domain = TARGET_DOMAIN if mode == "target_only" else SOURCE_DOMAIN
         self.trackers = {name: keras.metrics.Mean(name=name)
                          for name in ("loss", "label_loss", "domain_loss")}
@@ -158,6 +169,8 @@ class DANN(keras.Model):
         self.built = True
 
     def call(self, images, training=False):
+        if isinstance(images, dict):  # a training batch, as Keras passes one to build
+            images = tf.concat([images["source_images"], images["target_images"]], 0)
         features = self.features(images, training=training)
         return {
             "class_logits": self.label_head(features, training=training),
@@ -210,13 +223,19 @@ class DANN(keras.Model):
         self.grl.lambda_.assign(self.adaptation_factor())
         with tf.GradientTape() as tape:
             label_loss, domain_loss, *outputs = self._forward(batch, training=True)
-            loss = label_loss + domain_loss
+            # Replicas see equal slices of one batch and their gradients are summed:
+            # dividing by their number makes the update the one-device update.
+            replicas = tf.distribute.get_replica_context().num_replicas_in_sync
+            loss = self.optimizer.scale_loss((label_loss + domain_loss) / replicas)
         weights = self.trainable_weights
         gradients = tape.gradient(loss, weights)
         self.optimizer.apply(gradients, weights)
         self._update_metrics(batch, label_loss, domain_loss, *outputs)
-        names = ("loss", "label_loss", "domain_loss")
-        results = {name: self.trackers[name].result() for name in names}
+        return self.training_logs()
+
+    def training_logs(self):
+        """{name: value} of the training metrics since they were last reset."""
+        results = {name: tracker.result() for name, tracker in self.trackers.items()}
         for name in ("label_accuracy", "domain_accuracy"):
             results[name] = self.accuracies[name].result()
         return results
@@ -237,12 +256,26 @@ class DANN(keras.Model):
         return {**super().get_config(), "input_shape": list(self.image_shape),
                 "num_classes": self.num_classes, "mean": self.mean, "mode": self.mode,
                 "class_names": self.class_names, "total_steps": self.total_steps,
-                "gamma": self.gamma}
+                "gamma": self.gamma, "precision": self.precision}
+
+
+@keras.saving.register_keras_serializable(package="dann")
+class StepCountingLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
+    """Keras's dynamic loss scaling for float16, where a skipped step still counts.
+
+    A step whose scaled gradients overflow changes no weight, as in Keras, but it
+    used a batch: counting it keeps the optimiser's step equal to the batches seen,
+    which the schedules, checkpoint names and exact resume rely on.
+    """
+
+    def _stateful_handle_non_finite_grads(self):
+        super()._stateful_handle_non_finite_grads()
+        self.iterations.assign_add(1)
 
 
 def build_dann(input_shape, num_classes, mean, mode, total_steps, lr=0.01,
                momentum=0.9, lr_alpha=10.0, lr_beta=0.75, gamma=10.0, class_names=None,
-               steps_per_execution=1):
+               steps_per_execution=1, precision="float32"):
     """A compiled `DANN` with the paper's SGD and learning-rate annealing.
 
     Args:
@@ -250,13 +283,16 @@ def build_dann(input_shape, num_classes, mean, mode, total_steps, lr=0.01,
         mean: per-channel mean of the training pixels, scaled to [0, 1].
         total_steps: optimiser steps of the whole run, the schedules' horizon.
         lr, momentum, lr_alpha, lr_beta, gamma: as the flags of the same names.
+        precision: one of PRECISIONS, the Keras dtype policy of the hidden layers;
+            `mixed_float16` adds dynamic loss scaling.
     """
     model = DANN(input_shape, num_classes, mean, mode, class_names=class_names,
-                 total_steps=total_steps, gamma=gamma)
+                 total_steps=total_steps, gamma=gamma, precision=precision)
     schedule = DANNLearningRate(lr, total_steps, lr_alpha, lr_beta)
-    model.compile(optimizer=keras.optimizers.SGD(learning_rate=schedule,
-                                                 momentum=momentum),
-                  steps_per_execution=steps_per_execution)
+    optimizer = keras.optimizers.SGD(learning_rate=schedule, momentum=momentum)
+    if precision == "mixed_float16":
+        optimizer = StepCountingLossScaleOptimizer(optimizer)
+    model.compile(optimizer=optimizer, steps_per_execution=steps_per_execution)
     return model
 
 

@@ -43,10 +43,12 @@ def main(argv):
     # Keras's live progress bar on a terminal; one line per epoch in a log file.
     verbose = 1 if sys.stdout.isatty() else 2
     try:
-        run_folder.check(config.model_dir, config.restore_model, config.overwrite)
-        build_default_data_if_missing(config.train_dir)
+        strategy, _ = training.distribute.choose(config.distribute)
+        if training.distribute.is_chief(strategy):  # the other workers write nothing
+            run_folder.check(config.model_dir, config.restore_model, config.overwrite)
+            build_default_data_if_missing(config.train_dir)
         history = training.run(config, verbose,
-                               common_flags.flags_text(common_flags.TRAIN))
+                               common_flags.flags_text(common_flags.TRAIN), strategy)
     except file_utils.UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

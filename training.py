@@ -1,6 +1,7 @@
 """One training run, as train.py asks for it: data in, a complete run folder out."""
 
 import dataclasses
+import functools
 import math
 import os
 import signal
@@ -11,6 +12,7 @@ from absl import logging
 
 import common_flags
 import data_utils
+import distribute
 import models
 import plots
 import run_folder
@@ -122,7 +124,7 @@ def new_model(config, data, total_steps):
     return models.build_dann(
         image_shape(config), len(data.train.class_names), mean, config.mode,
         total_steps, config.lr, config.momentum, config.lr_alpha, config.lr_beta,
-        config.gamma, data.train.class_names)
+        config.gamma, data.train.class_names, precision=config.precision)
 
 
 def restore(config, total_steps):
@@ -133,13 +135,16 @@ def restore(config, total_steps):
             f"--restore_model: {config.model_dir} has no checkpoint to resume from: "
             "train without --restore_model, with --overwrite if the folder holds a run")
     model = keras.saving.load_model(path)
-    saved_steps = model.total_steps
-    if saved_steps != total_steps or model.mode != config.mode:
+    saved = (model.mode, model.total_steps, model.precision)
+    wanted = (config.mode, total_steps, config.precision)
+    if saved != wanted:
+        describe = "a {} run of {} steps in {}".format
         raise UserError(
-            f"{path} belongs to a {model.mode} run of {saved_steps} steps, but these "
-            f"flags ask for a {config.mode} run of {total_steps} steps: resume with the "
-            f"flags in {os.path.join(config.model_dir, run_folder.FLAGS_FILE)}")
-    logging.info("Resuming from %s at step %d", path, int(model.optimizer.iterations))
+            f"{path} belongs to {describe(*saved)}, but these flags ask for "
+            f"{describe(*wanted)}: resume with the flags in "
+            f"{os.path.join(config.model_dir, run_folder.FLAGS_FILE)}")
+    logging.info("Resuming from %s at step %d", path,
+                 int(model.optimizer.iterations.numpy()))
     return model
 
 
@@ -185,7 +190,7 @@ class StopGuard(keras.callbacks.Callback):
         step = int(self.model.optimizer.iterations.numpy())
         loss = float((logs or {}).get("loss", 0.0))
         if not math.isfinite(loss):
-            kept = latest_checkpoint(self.model_dir) or "none yet"
+            kept = self.model_dir and latest_checkpoint(self.model_dir) or "none yet"
             raise TrainingStopped(
                 f"the loss became {loss} at epoch {self.epoch}, step {step}: training "
                 f"stopped; the last good checkpoint is {kept}. Try a lower --lr", 1)
@@ -197,22 +202,28 @@ class StopGuard(keras.callbacks.Callback):
             self._stop(int(self.model.optimizer.iterations.numpy()))
 
     def _stop(self, step):
+        name = signal.Signals(self.received).name
+        if self.model_dir is None:  # a worker that writes nothing
+            raise TrainingStopped(f"{name} at epoch {self.epoch}, step {step}: stopped; "
+                                  "the chief keeps the run's checkpoints",
+                                  128 + self.received)
         path = checkpoint_path(self.model_dir, step)
         if not os.path.exists(path):
             save_model_atomically(self.model, path)
-        name = signal.Signals(self.received).name
         raise TrainingStopped(
             f"{name} at epoch {self.epoch}, step {step}: saved {path}; continue "
             f"with the same flags plus --restore_model", 128 + self.received)
 
 
-def run(config, verbose=1, flags_file_text=None):
+def run(config, verbose=1, flags_file_text=None, strategy=None):
     """Trains one model as `config` says and writes its run folder.
 
     Args:
         config: a `TrainConfig`.
         verbose: Keras's progress output: 1 a live bar, 2 a line per epoch, 0 none.
         flags_file_text: the run's flags, saved as flags.txt when a run starts.
+        strategy: a `tf.distribute` strategy to train under instead of the one
+            --distribute chooses.
 
     Returns:
         The per-epoch history rows (dicts) of the whole run, resumed epochs included.
@@ -223,6 +234,24 @@ def run(config, verbose=1, flags_file_text=None):
         TrainingStopped: a signal or a non-finite loss stopped training.
     """
     run_started = time.perf_counter()
+    strategy = strategy or distribute.choose(config.distribute)[0]
+    distribute.check_batch_size(config.batch_size, strategy)
+    if config.val_dir and distribute.is_multi_worker(strategy):
+        raise UserError("--val_dir is not evaluated with --distribute=multi_worker: "
+                        "leave it out and evaluate the run with eval.py")
+    try:
+        if not distribute.is_chief(strategy):
+            return train_as_worker(config, strategy, run_started)
+        return train_as_chief(config, verbose, flags_file_text, strategy, run_started)
+    except distribute.LOST_WORKER_ERRORS as error:
+        raise TrainingStopped(
+            f"another worker stopped or cannot be reached ({type(error).__name__}): "
+            "see the other workers' logs; start all workers again with "
+            "--restore_model to continue from the chief's last checkpoint", 1) from None
+
+
+def train_as_chief(config, verbose, flags_file_text, strategy, run_started):
+    """The run on one machine, or the chief of a multi-worker run: writes the folder."""
     run_folder.check(config.model_dir, config.restore_model, config.overwrite)
     with run_folder.owned(config.model_dir):
         # Again: another process may have written the folder since the check.
@@ -232,18 +261,32 @@ def run(config, verbose=1, flags_file_text=None):
         data = load_data(config)
         try:
             with data_utils.naming_unreadable(data.splits, image_shape(config)[2]):
-                model, steps = build_or_restore(config, data)
+                with strategy.scope():
+                    model, steps = build_or_restore(config, data)
                 # The data and the model are sound: only now is an old run replaced.
                 run_folder.prepare(config.model_dir, config.restore_model)
                 if flags_file_text and not config.restore_model:
                     write_atomically(os.path.join(config.model_dir, run_folder.FLAGS_FILE),
                                      lambda handle: handle.write(flags_file_text))
-                history = fit(model, config, data, steps, run_started, verbose)
+                history = fit(model, config, data, steps, run_started, verbose, strategy)
             save_model_atomically(model, os.path.join(config.model_dir,
                                                       run_folder.FINAL_MODEL))
         except DiskFull as error:
             raise said_what_was_kept(error, config.model_dir) from None
     return history
+
+
+def train_as_worker(config, strategy, run_started):
+    """A multi-worker run on a worker other than the chief: every step, nothing written.
+
+    A resumed run reads the chief's checkpoint: --model_dir must be the same folder
+    (a shared file system) or a copy of it.
+    """
+    keras.utils.set_random_seed(config.seed)
+    data = load_data(config)
+    with strategy.scope():
+        model, steps = build_or_restore(config, data)
+    return fit(model, config, data, steps, run_started, 0, strategy, writes=False)
 
 
 def build_or_restore(config, data):
@@ -265,29 +308,41 @@ def said_what_was_kept(error, model_dir):
                     "free some space and continue with --restore_model")
 
 
-def fit(model, config, data, steps, run_started, verbose):
-    """Trains from the model's current step to the end of the run; returns the history."""
+def fit(model, config, data, steps, run_started, verbose, strategy, writes=True):
+    """Trains from the model's current step to the end of the run; returns the history.
+
+    Without `writes` (a multi-worker run's other workers), nothing is written.
+    """
     done_steps = int(model.optimizer.iterations.numpy())
     labelled = "target" if config.mode == "target_only" else "source"
-    history = run_folder.read_history(config.model_dir, done_steps // steps)
-    with StopGuard(config.model_dir, steps) as guard:
-        callbacks = [  # The guard last: an epoch is recorded before a stop at its end.
-            models.ScheduleLogger(),
-            PeriodicCheckpoint(config.model_dir, config.log_rate, config.num_epochs),
-            HistoryWriter(config.model_dir, history, run_started),
-            keras.callbacks.TensorBoard(os.path.join(config.model_dir, "logs")), guard,
-        ]
+    history = run_folder.read_history(config.model_dir, done_steps // steps) \
+        if writes else []
+    with StopGuard(config.model_dir if writes else None, steps) as guard:
+        callbacks = [guard]
+        if writes:  # The guard last: an epoch is recorded before a stop at its end.
+            callbacks[:0] = [
+                models.ScheduleLogger(),
+                PeriodicCheckpoint(config.model_dir, config.log_rate, config.num_epochs),
+                HistoryWriter(config.model_dir, history, run_started),
+                keras.callbacks.TensorBoard(os.path.join(config.model_dir, "logs"))]
         for epoch, epochs, epoch_steps in epoch_segments(done_steps, steps,
                                                          config.num_epochs):
-            set_steps_per_execution(model, epoch_steps, config.steps_per_execution)
-            batches = data_utils.training_dataset(
-                (data.source, len(data.train.source)),
+            set_steps_per_execution(model, epoch_steps,
+                                    distribute.steps_per_call(config.steps_per_execution,
+                                                              strategy))
+            batches = functools.partial(
+                data_utils.training_dataset, (data.source, len(data.train.source)),
                 (data.target, len(data.train.target)), labelled, config.batch_size,
                 config.seed, skip_steps=epoch * steps + steps - epoch_steps)
-            model.fit(batches, epochs=epochs, steps_per_epoch=epoch_steps,
-                      initial_epoch=epoch, validation_data=data.validation,
-                      validation_steps=data.validation_steps, callbacks=callbacks,
-                      verbose=verbose, shuffle=False)
+            if distribute.is_multi_worker(strategy):
+                distribute.fit_multi_worker(model, strategy, batches(), config.batch_size,
+                                            (epoch, epochs), epoch_steps, callbacks,
+                                            verbose)
+            else:
+                model.fit(distribute.for_keras_fit(batches, strategy), epochs=epochs, steps_per_epoch=epoch_steps,
+                          initial_epoch=epoch, validation_data=data.validation,
+                          validation_steps=data.validation_steps, callbacks=callbacks,
+                          verbose=verbose, shuffle=False)
     return history
 
 

@@ -6,7 +6,8 @@
                                           # no full build or full-data memory figure
 
 Everything runs with the model and batch of a real run (64 + 64, the paper's network).
-The training path is the real train.py, in a child process, for 4 epochs (3 with --quick).
+The training path is the real train.py, in a child process, for 4 epochs (3 with --quick),
+in float32 and again in mixed_bfloat16 (`bf16_speedup` = bf16 / float32 warm images/s).
 """
 
 import os
@@ -69,9 +70,10 @@ def _in_memory_batch():
             "labels": tf.constant(np.arange(BATCH) % 10, tf.int32)}
 
 
-def bare_step_images_per_second(steps, jit_compile=False):
+def bare_step_images_per_second(steps, jit_compile=False, precision="float32"):
     """The ceiling: one GradientTape and the SGD update on tensors already in memory."""
-    model = models.DANN((28, 28, 3), 10, [0.5, 0.5, 0.5], total_steps=10_000)
+    model = models.DANN((28, 28, 3), 10, [0.5, 0.5, 0.5], total_steps=10_000,
+                        precision=precision)
     model.grl.lambda_.assign(1.0)
     optimizer = keras.optimizers.SGD(learning_rate=0.01, momentum=0.9)
     batch = _in_memory_batch()
@@ -138,7 +140,7 @@ def measure_variants():
     return figures
 
 
-def train_path(data_dir, work_dir, epochs):
+def train_path(data_dir, work_dir, epochs, precision="float32"):
     """Runs train.py in a child process on `data_dir`.
 
     Returns:
@@ -146,11 +148,13 @@ def train_path(data_dir, work_dir, epochs):
         the time from the start of training to the end of epoch 1 (scanning, decoding,
         the channel-mean pass, building and tracing included; Python's start and
         imports not); warm is the median over the later epochs, data already cached.
+        The peak RSS is the largest of this process's children so far.
     """
-    model_dir = os.path.join(work_dir, "run")
+    model_dir = os.path.join(work_dir, f"run-{precision}")
     subprocess.run([sys.executable, os.path.join(REPO, "train.py"),
                     f"--train_dir={data_dir}/train", f"--model_dir={model_dir}",
-                    f"--num_epochs={epochs}"], check=True, capture_output=True)
+                    f"--num_epochs={epochs}", f"--precision={precision}"], check=True,
+                   capture_output=True)
     peak_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     with open(os.path.join(model_dir, run_folder.HISTORY_JSON)) as handle:
         history = json.load(handle)
@@ -202,13 +206,18 @@ def versions():
 
 
 def machine():
+    """The CPU, its cores, the system and the GPUs TensorFlow sees (the device the
+    figures ran on: the first GPU if any, else the CPU)."""
     model_name = platform.processor()
     if os.path.exists("/proc/cpuinfo"):
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
                 model_name = line.split(":", 1)[1].strip()
                 break
-    return {"cpu": model_name, "cores": os.cpu_count(), "system": platform.platform()}
+    gpus = [tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name)
+            for gpu in tf.config.list_physical_devices("GPU")]
+    return {"cpu": model_name, "cores": os.cpu_count(), "system": platform.platform(),
+            "gpus": gpus, "device": gpus[0] if gpus else f"CPU ({model_name})"}
 
 
 def measure(quick):
@@ -223,12 +232,16 @@ def measure(quick):
             # 64 x 2**k images per domain: 320 steps an epoch, 16 steps per call.
             build_seconds(data_dir, num_train=20_480, num_test=5_120)
         build = None if quick else build_seconds(data_dir)
-        cold, warm, peak_rss_mb, model_dir = train_path(data_dir, work_dir,
-                                                        3 if quick else 4)
+        epochs = 3 if quick else 4
+        cold, warm, peak_rss_mb, model_dir = train_path(data_dir, work_dir, epochs)
         evaluate, decode = eval_path(model_dir, os.path.join(data_dir, "test"))
         results.update(train_cold_img_per_s=cold, train_warm_img_per_s=warm,
                        eval_img_per_s=evaluate, eval_decode_img_per_s=decode,
                        data_build_s=build, peak_rss_mb=None if quick else peak_rss_mb)
+        results["train_warm_bf16_img_per_s"] = train_path(data_dir, work_dir, epochs,
+                                                          "mixed_bfloat16")[1]
+    results["bare_step_bf16_img_per_s"] = bare_step_images_per_second(
+        bare_steps, precision="mixed_bfloat16")
     # The ceiling measured on both sides of the training run, which it is compared to.
     bare_after = bare_step_images_per_second(bare_steps)
     results["bare_step_img_per_s"] = (bare_before + bare_after) / 2
@@ -246,6 +259,8 @@ def add_ratios(results):
     # Decoding and the forward pass share the cores, so their times per image add up.
     results["eval_bound_img_per_s"] = 1 / (1 / results["eval_decode_img_per_s"]
                                            + 1 / results["forward_img_per_s"])
+    results["bf16_speedup"] = (results["train_warm_bf16_img_per_s"]
+                               / results["train_warm_img_per_s"])
     return results
 
 
@@ -258,7 +273,8 @@ def print_results(results):
     for name, figures in (results["variants"] or {}).items():
         print(f"{name}: " + ", ".join(f"{key} {value:,.0f}" for key, value in
                                       figures.items()) + " img/s")
-    print(f"machine: {results['machine']['cpu']}, {results['machine']['cores']} cores")
+    print(f"machine: {results['machine']['cpu']}, {results['machine']['cores']} cores; "
+          f"device: {results['machine']['device']}")
 
 
 def main(argv):

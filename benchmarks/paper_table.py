@@ -1,9 +1,11 @@
 """The paper's MNIST -> MNIST-M table, reproduced over several seeds.
 
     python benchmarks/paper_table.py [--seeds 3] [--num_epochs 40]
+    python benchmarks/paper_table.py --modes dann --precision mixed_bfloat16 \
+        --runs_dir runs/paper_table_bf16 --output_prefix benchmarks/paper_table_bf16
 
-Trains source_only, dann and target_only with the paper's network and recipe for each
-seed through the real train.py, evaluates each final model with eval.py on the test
+Trains source_only, dann and target_only (or --modes) with the paper's network and
+recipe, in --precision, for each seed through the real train.py, evaluates each final model with eval.py on the test
 split (no checkpoint is chosen on it), and writes paper_table.json and paper_table.md.
 Runs go side by side, each on its own thread(s).
 """
@@ -31,18 +33,25 @@ PAPER = {"JMLR 2016": {"source_only": 0.5225, "dann": 0.7666, "target_only": 0.9
          "ICML 2015": {"source_only": 0.5749, "dann": 0.8149, "target_only": 0.9891}}
 
 
-def finished_report(model_dir, num_epochs, test_dir):
-    """The eval report of a run that trained all `num_epochs` and was evaluated on
-    `test_dir` after its last epoch, else None."""
+def finished_report(model_dir, num_epochs, test_dir, precision="float32"):
+    """The eval report of a run in `precision` that trained all `num_epochs` and was
+    evaluated on `test_dir` after its last epoch, else None."""
     paths = [os.path.join(model_dir, name) for name in
-             (run_folder.HISTORY_JSON, run_folder.FINAL_MODEL, run_folder.REPORT_FILE)]
+             (run_folder.HISTORY_JSON, run_folder.FINAL_MODEL, run_folder.REPORT_FILE,
+              run_folder.FLAGS_FILE)]
     if not all(os.path.exists(path) for path in paths):
         return None
-    with open(paths[0]) as history, open(paths[2]) as report_file:
+    with open(paths[0]) as history, open(paths[2]) as report_file, \
+            open(paths[3]) as flags_file:
         epochs, report = len(json.load(history)), json.load(report_file)
+        run_flags = flags_file.read().split()
     evaluated_last = os.path.getmtime(paths[2]) >= os.path.getmtime(paths[1])
     same_test = os.path.abspath(report["test_dir"]) == os.path.abspath(test_dir)
-    return report if epochs == num_epochs and evaluated_last and same_test else None
+    # Runs from before --precision existed trained in float32.
+    ran_in = next((flag.split("=", 1)[1] for flag in run_flags
+                   if flag.startswith("--precision=")), "float32")
+    finished = epochs == num_epochs and evaluated_last and same_test
+    return report if finished and ran_in == precision else None
 
 
 def mode_seed_folder(runs_dir, mode, seed):
@@ -50,14 +59,15 @@ def mode_seed_folder(runs_dir, mode, seed):
     return os.path.join(runs_dir, f"{mode}-seed{seed}")
 
 
-def run_job(data_dir, run_dir, mode, seed, num_epochs, threads, reuse_finished=False):
+def run_job(data_dir, run_dir, mode, seed, num_epochs, threads, reuse_finished=False,
+            precision="float32"):
     """Trains one mode and seed with train.py, evaluates it, returns eval_report.json.
 
     Says when the run starts and ends, with its result; the commands' output goes to
     <run folder>.log.
     """
     model_dir = mode_seed_folder(run_dir, mode, seed)
-    report = finished_report(model_dir, num_epochs, f"{data_dir}/test") \
+    report = finished_report(model_dir, num_epochs, f"{data_dir}/test", precision) \
         if reuse_finished else None
     if report is None:
         log_path = f"{model_dir}.log"
@@ -68,7 +78,7 @@ def run_job(data_dir, run_dir, mode, seed, num_epochs, threads, reuse_finished=F
         commands = [
             ["train.py", f"--train_dir={data_dir}/train", f"--model_dir={model_dir}",
              f"--mode={mode}", f"--num_epochs={num_epochs}", f"--seed={seed}",
-             "--overwrite"],
+             f"--precision={precision}", "--overwrite"],
             ["eval.py", f"--model_dir={model_dir}", f"--test_dir={data_dir}/test"]]
         os.makedirs(run_dir, exist_ok=True)
         with open(log_path, "w") as log:
@@ -97,11 +107,11 @@ def training_seconds(model_dir):
         return json.load(handle)[-1]["run_seconds"]
 
 
-def summarise(reports, seeds, runs_dir):
+def summarise(reports, seeds, runs_dir, modes_run=ORDER):
     """{mode: per-seed accuracies and training seconds, mean and std of the target
     accuracy}."""
     modes = {}
-    for mode in ORDER:
+    for mode in modes_run:
         row = {f"{key}_per_seed": [reports[mode, seed][key] for seed in seeds]
                for key in ("target_accuracy", "source_accuracy", "domain_accuracy")}
         row["training_seconds_per_seed"] = [
@@ -118,22 +128,25 @@ def gap_closed(source_only, dann, target_only):
 
 
 def markdown(table):
-    ours = {mode: table["modes"][mode]["mean"] for mode in ORDER}
+    ours = {mode: row["mean"] for mode, row in table["modes"].items()}
+    precision = table.get("precision", "float32")
     lines = [
         f"MNIST -> MNIST-M target test accuracy, mean +- std over {len(table['seeds'])} "
-        f"seeds ({table['num_epochs']} epochs; target: "
+        f"seeds ({table['num_epochs']} epochs, {precision}; target: "
         f"{table['data'].get('target', table['data']['path'])}).",
         "",
         "| method | ours | JMLR 2016 | ICML 2015 |",
         "| --- | --- | --- | --- |",
     ]
-    for mode in ORDER:
+    for mode in (mode for mode in ORDER if mode in ours):
         row = table["modes"][mode]
         lines.append(f"| {mode} | {row['mean']:.4f} +- {row['std']:.4f} | "
                      f"{PAPER['JMLR 2016'][mode]:.4f} | {PAPER['ICML 2015'][mode]:.4f} |")
-    shares = [gap_closed(*(source[mode] for mode in ORDER))
-              for source in (ours, *PAPER.values())]
-    lines.append("| gap closed by DANN | " + " | ".join(f"{s:.0%}" for s in shares) + " |")
+    if set(ours) == set(ORDER):
+        shares = [gap_closed(*(source[mode] for mode in ORDER))
+                  for source in (ours, *PAPER.values())]
+        lines.append("| gap closed by DANN | " + " | ".join(f"{s:.0%}" for s in shares)
+                     + " |")
     training = sum(sum(row["training_seconds_per_seed"]) for row in table["modes"].values())
     lines += ["", f"Machine: {table['machine']['cpu']}, {table['machine']['cores']} "
               f"cores. Training took {training / 60:.0f} minutes summed over the runs, "
@@ -158,14 +171,16 @@ def main(argv):
     jobs = {}
     with futures.ThreadPoolExecutor(FLAGS.parallel) as pool:
         # DANN's runs first: the row the table exists for is known soonest.
-        for mode in sorted(ORDER, key=lambda mode: mode != "dann"):
+        for mode in sorted(FLAGS.modes, key=lambda mode: mode != "dann"):
             for seed in seeds:
                 jobs[mode, seed] = pool.submit(run_job, data_dir, FLAGS.runs_dir, mode,
                                                seed, FLAGS.num_epochs,
                                                FLAGS.threads_per_run,
-                                               FLAGS.reuse_finished)
+                                               FLAGS.reuse_finished, FLAGS.precision)
     reports = {key: job.result() for key, job in jobs.items()}
-    table = {"modes": summarise(reports, seeds, FLAGS.runs_dir), "seeds": seeds,
+    modes = [mode for mode in ORDER if mode in FLAGS.modes]
+    table = {"modes": summarise(reports, seeds, FLAGS.runs_dir, modes), "seeds": seeds,
+             "precision": FLAGS.precision,
              "parallel": FLAGS.parallel,
              "num_epochs": FLAGS.num_epochs, "data": data, "machine": bench.machine(),
              "versions": bench.versions(), "commit": commit(),
@@ -185,6 +200,9 @@ if __name__ == "__main__":
                         "MNIST -> MNIST-M folders (built here first if missing).")
     flags.DEFINE_string("runs_dir", os.path.join(REPO, "runs", "paper_table"),
                         "Where the runs are written.")
+    flags.DEFINE_multi_enum("modes", list(ORDER), ORDER, "Modes to train (a row each).")
+    flags.DEFINE_enum("precision", "float32", common_flags.RUN["precision"].choices,
+                      "train.py's --precision of every run.")
     flags.DEFINE_integer("parallel", 2, "Runs side by side.")
     flags.DEFINE_integer("threads_per_run", 1, "TensorFlow threads of each run.")
     flags.DEFINE_boolean("reuse_finished", False, "Keep runs in --runs_dir that trained "

@@ -198,7 +198,57 @@ def test_a_dann_step_raises_the_domain_loss_via_the_features_and_lowers_it_in_th
     assert not np.array_equal(features_after[0], features_before[0])
 
 
-def test_flag_modes_are_the_models_modes():
+def test_flag_choices_are_the_models_modes_and_precisions():
     import common_flags
 
     assert common_flags.RUN["mode"].choices == models.MODES
+    assert common_flags.RUN["precision"].choices == models.PRECISIONS
+
+
+def test_mixed_precision_keeps_normalisation_lambda_and_logits_in_float32():
+    model = models.build_dann((28, 28, 3), 10, [0.5] * 3, "dann", 100,
+                              precision="mixed_bfloat16")
+    rescale, normalise, first_conv = model.features.layers[:3]
+    assert rescale.compute_dtype == normalise.compute_dtype == "float32"
+    assert first_conv.compute_dtype == "bfloat16" and first_conv.variable_dtype == "float32"
+    assert model.grl.compute_dtype == "float32"
+    for head in (model.label_head, model.domain_head):
+        assert head.layers[0].compute_dtype == "bfloat16"
+        assert head.layers[-1].compute_dtype == "float32"
+    outputs = model(_batch(np.random.default_rng(0))["source_images"])
+    assert {tensor.dtype for tensor in outputs.values()} == {tf.float32}
+
+
+def test_a_float16_step_whose_gradients_overflow_changes_nothing_but_counts():
+    model = models.build_dann((28, 28, 3), 10, [0.5] * 3, "dann", 100,
+                              precision="mixed_float16")
+    weights = model.trainable_weights
+    before = [w.numpy() for w in weights]
+    gradients = [tf.fill(w.shape, np.inf) for w in weights]
+    model.optimizer.apply(gradients, weights)
+    assert int(model.optimizer.iterations.numpy()) == 1
+    for old, weight in zip(before, weights):
+        np.testing.assert_array_equal(old, weight.numpy())
+    model.optimizer.apply([tf.zeros(w.shape) for w in weights], weights)
+    assert int(model.optimizer.iterations.numpy()) == 2
+
+
+@pytest.mark.parametrize("precision", models.PRECISIONS)
+def test_a_saved_model_predicts_the_same_under_any_global_policy(precision, tmp_path):
+    model = models.build_dann((28, 28, 3), 10, [0.4, 0.5, 0.6], "dann", 100,
+                              precision=precision)
+    model.fit(tf.data.Dataset.from_tensors(_batch(np.random.default_rng(1))).repeat(),
+              steps_per_epoch=1, verbose=0, shuffle=False)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    images = _batch(np.random.default_rng(2), n=8)["source_images"]
+    expected = model(images)["class_logits"].numpy()
+    try:
+        for policy in ("mixed_float16", "float32"):
+            keras.mixed_precision.set_dtype_policy(policy)
+            reloaded = keras.saving.load_model(path)
+            assert reloaded.precision == precision
+            np.testing.assert_array_equal(reloaded(images)["class_logits"].numpy(),
+                                          expected)
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")

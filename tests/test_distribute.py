@@ -1,0 +1,198 @@
+"""Several devices and machines give the one-device result; precision policies.
+
+The devices are this machine's: two logical CPU devices under MirroredStrategy, and
+two train.py processes on localhost joined by TF_CONFIG.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMON = ["--num_epochs=2", "--batch_size=8", "--seed=3", "--steps_per_execution=2"]
+
+
+def train(args, env=None, **popen):
+    return subprocess.Popen([sys.executable, "-u", os.path.join(REPO, "train.py"), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, **(env or {})), **popen)
+
+
+def finished(process, timeout=300):
+    out, err = process.communicate(timeout=timeout)
+    return process.returncode, out, err
+
+
+def weights(path):
+    import keras
+
+    import models  # noqa: F401  (registers the DANN classes)
+
+    model = keras.saving.load_model(path)
+    return [w.numpy() for w in model.weights], int(model.optimizer.iterations.numpy())
+
+
+def assert_same_weights(path_a, path_b, tolerance=1e-4):
+    (a, steps_a), (b, steps_b) = weights(path_a), weights(path_b)
+    assert steps_a == steps_b
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, atol=tolerance, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def one_device_run(tiny_data, tmp_path_factory):
+    model_dir = str(tmp_path_factory.mktemp("one") / "run")
+    code, _, err = finished(train([f"--train_dir={tiny_data}/train",
+                                   f"--model_dir={model_dir}", "--distribute=none",
+                                   *COMMON]))
+    assert code == 0, err[-3000:]
+    return model_dir
+
+
+def test_two_mirrored_devices_give_the_one_device_weights(one_device_run, tiny_data,
+                                                           tmp_path):
+    model_dir = str(tmp_path / "mirrored")
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {REPO!r})
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        import training
+        config = training.TrainConfig(train_dir={tiny_data + '/train'!r},
+            model_dir={model_dir!r}, num_epochs=2, batch_size=8, seed=3,
+            steps_per_execution=2)
+        training.run(config, verbose=0,
+                     strategy=tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_weights(os.path.join(one_device_run, "model.keras"),
+                        os.path.join(model_dir, "model.keras"))
+    rows = [json.load(open(os.path.join(d, "history.json")))
+            for d in (one_device_run, model_dir)]
+    assert rows[0][-1]["label_loss"] == pytest.approx(rows[1][-1]["label_loss"], 1e-5)
+
+
+def free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def start_workers(args, count=2):
+    workers = [f"localhost:{port}" for port in free_ports(count)]
+    return [train(args, env={"TF_CONFIG": json.dumps(
+        {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})})
+        for index in range(count)]
+
+
+def test_two_workers_give_the_one_process_weights(one_device_run, tiny_data, tmp_path):
+    model_dir = str(tmp_path / "workers")
+    processes = start_workers([f"--train_dir={tiny_data}/train",
+                               f"--model_dir={model_dir}", *COMMON])
+    for process in processes:
+        code, out, err = finished(process)
+        assert code == 0, err[-3000:]
+    assert "(--distribute=multi_worker)" in err  # auto chose it from TF_CONFIG
+    assert_same_weights(os.path.join(one_device_run, "model.keras"),
+                        os.path.join(model_dir, "model.keras"))
+    history = json.load(open(os.path.join(model_dir, "history.json")))
+    assert [row["epoch"] for row in history] == [1, 2]  # written once, by the chief
+    assert "--distribute" not in open(os.path.join(model_dir, "flags.txt")).read()
+
+
+def test_a_worker_that_dies_stops_the_other_with_one_clear_line(tiny_data, tmp_path):
+    chief, other = start_workers([f"--train_dir={tiny_data}/train",
+                                  f"--model_dir={tmp_path / 'run'}", "--num_epochs=500",
+                                  "--batch_size=8", "--steps_per_execution=1"])
+    for line in chief.stdout:
+        if line.startswith("Epoch 2/"):
+            other.send_signal(signal.SIGKILL)
+            break
+    code, _, err = finished(chief, timeout=120)
+    other.wait()
+    assert code == 1
+    assert "stopped: another worker stopped or cannot be reached" in err
+    assert "--restore_model" in err
+
+
+@pytest.mark.parametrize("env, args, fragment", [
+    ({"TF_CONFIG": "{not json"}, [], "TF_CONFIG is not valid JSON"),
+    ({"TF_CONFIG": ""}, ["--distribute=multi_worker"], "needs TF_CONFIG"),
+])
+def test_bad_distribution_settings_are_one_line(tiny_data, tmp_path, env, args,
+                                                fragment):
+    code, _, err = finished(train([f"--train_dir={tiny_data}/train",
+                                   f"--model_dir={tmp_path / 'run'}", *args], env=env))
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("error:") and fragment in lines[-1]
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_batch_that_does_not_split_over_the_replicas_is_refused():
+    import tensorflow as tf
+
+    import distribute
+    from file_utils import UserError
+
+    class TwoReplicas:
+        num_replicas_in_sync = 2
+
+    distribute.check_batch_size(8, TwoReplicas())
+    with pytest.raises(UserError, match="--batch_size 7 does not split evenly over 2"):
+        distribute.check_batch_size(7, TwoReplicas())
+    distribute.check_batch_size(7, tf.distribute.get_strategy())
+
+
+def test_a_bfloat16_run_trains_evaluates_and_resumes_only_in_bfloat16(tiny_data,
+                                                                      tmp_path):
+    model_dir = str(tmp_path / "bf16")
+    args = [f"--train_dir={tiny_data}/train", f"--model_dir={model_dir}",
+            "--precision=mixed_bfloat16", "--num_epochs=1", "--batch_size=8"]
+    code, _, err = finished(train(args))
+    assert code == 0, err[-3000:]
+    assert "--precision=mixed_bfloat16" in open(os.path.join(model_dir, "flags.txt")).read()
+    evaluated = subprocess.run([sys.executable, os.path.join(REPO, "eval.py"),
+                                f"--model_dir={model_dir}",
+                                f"--test_dir={tiny_data}/test"],
+                               capture_output=True, text=True, timeout=300)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    code, _, err = finished(train([*args[:2], "--num_epochs=1", "--batch_size=8",
+                                   "--restore_model"]))
+    assert code == 2
+    assert "in mixed_bfloat16, but these flags ask for a dann run of 6 steps in float32" \
+        in err.strip().splitlines()[-1]
+
+
+def test_workers_stopped_by_a_signal_resume_to_the_one_process_weights(
+        one_device_run, tiny_data, tmp_path):
+    args = [f"--train_dir={tiny_data}/train", f"--model_dir={tmp_path / 'run'}", *COMMON]
+    chief, other = start_workers(args)
+    for line in chief.stdout:
+        if line.startswith("Epoch 2/"):
+            chief.send_signal(signal.SIGINT)
+            break
+    code, _, err = finished(chief)
+    assert code == 128 + signal.SIGINT, err[-3000:]
+    assert "saved" in err and "--restore_model" in err
+    assert finished(other)[0] == 1
+    for process in start_workers([*args, "--restore_model"]):
+        code, _, err = finished(process)
+        assert code == 0, err[-3000:]
+    assert_same_weights(os.path.join(one_device_run, "model.keras"),
+                        str(tmp_path / "run" / "model.keras"))
