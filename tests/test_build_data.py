@@ -253,6 +253,31 @@ def test_build_writes_the_layout_and_its_record(tmp_path, small_sources):
     assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]
 
 
+def test_num_val_moves_the_last_training_digits_of_both_domains_to_val(tmp_path,
+                                                                       small_sources):
+    plain, _ = build(tmp_path, small_sources, "plain", num_train=30)
+    with_val, record = build(tmp_path, small_sources, "val", num_train=30, num_val=10)
+    assert record["counts"]["train"] == {"source": 20, "target": 20}
+    assert record["counts"]["val"] == {"source": 10, "target": 10}
+    plain_train = data_utils.scan_split(os.path.join(plain, "train"))
+    train = data_utils.scan_split(os.path.join(with_val, "train"))
+    val = data_utils.scan_split(os.path.join(with_val, "val"))
+    for domain in ("source", "target"):
+        before, after = getattr(plain_train, domain), getattr(train, domain)
+        moved = sorted(getattr(val, domain).paths, key=os.path.basename)
+        # The digits that stay are the plain build's first 20, byte for byte ...
+        kept = sorted(after.paths, key=os.path.basename)
+        assert [os.path.basename(p) for p in kept] == [f"{i:05d}.png" for i in range(20)]
+        for path in kept:
+            twin = path.replace(with_val, plain)
+            assert open(path, "rb").read() == open(twin, "rb").read()
+        # ... and val holds the other 10.
+        assert len(moved) == 10 and len(before) == 30
+    with pytest.raises(data_utils.UserError, match="--num_val 30 leaves no training digits"):
+        build(tmp_path, small_sources, "none", num_train=30, num_val=30)
+    assert not os.path.exists(tmp_path / "none")
+
+
 def test_same_seed_same_bytes_different_seed_different_bytes(tmp_path, small_sources):
     first, _ = build(tmp_path, small_sources, "a", seed=1)
     again, _ = build(tmp_path, small_sources, "b", seed=1)
