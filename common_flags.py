@@ -113,6 +113,14 @@ EVAL = {
     "skip_bad_images": SKIP_BAD_IMAGES,
     "tsne": Setting(False, "Also draw tsne.png, a t-SNE of the features of 1,000 source "
                     "and 1,000 target test images coloured by domain."),
+    "label_free": Setting(False, "Also score the model without target labels "
+                          "(source_accuracy, target_entropy, snd, dev; higher is better) "
+                          "into the report's label_free_scores; use a validation split "
+                          "as --test_dir, never the test split you report."),
+    "reverse_validation": Setting(False, "--label_free plus the paper's reverse "
+                                  "validation, which trains a model with the run's "
+                                  "recipe from the split's pseudo-labelled target to "
+                                  "its source (about a run's length on the split)."),
 }
 BUILD = {
     "output_dir": Setting(DEFAULT_DATA_DIR, "Folder to write the data set into."),
@@ -198,6 +206,15 @@ def flags_text(settings, flag_values=flags.FLAGS):
     lines = sorted(flag_values[name].serialize() for name in settings
                    if name not in NOT_RECORDED)
     return "".join(f"{line}\n" for line in lines if line)
+
+
+def recorded_values(flags_file, settings):
+    """{name: value} of `settings` as a flags.txt file records them (parsed by absl;
+    a setting the file lacks keeps its default)."""
+    flag_values = flags.FlagValues()
+    define(settings, flag_values)
+    flag_values(["flags.txt", f"--flagfile={flags_file}"])
+    return values(settings, flag_values)
 
 
 def config_class(name, settings):

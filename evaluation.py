@@ -10,11 +10,13 @@ import numpy as np
 from scipy import special
 from sklearn import manifold, metrics
 
+import common_flags
 import data_utils
 import models
 import plots
 import run_folder
 from file_utils import UserError, write_atomically
+from label_free import scores as label_free_scores
 
 EVAL_BATCH_SIZE = 512
 # Keras's predict spends much of a small network's time between calls; several
@@ -148,15 +150,21 @@ def summary_table(report):
                     f"{report[f'{domain}_accuracy']:>15.4f}")
     rows.append(f"domain classifier accuracy (both domains): "
                 f"{report['domain_accuracy']:.4f}")
+    scores = report.get("label_free_scores", {})
+    if scores:
+        rows.append("label-free scores (higher is better): " + ", ".join(
+            f"{name} {value:.4f}" for name, value in scores.items()))
     return "\n".join(rows)
 
 
-def run(model_dir, test_dir, weights_fname=None, skip_bad_images=False, tsne=False):
+def run(model_dir, test_dir, weights_fname=None, skip_bad_images=False, tsne=False,
+        label_free=False, reverse_validation=False):
     """Evaluates a model of the run in `model_dir` on `test_dir`; writes the report.
 
     `weights_fname` picks a checkpoint (see `run_folder.model_to_evaluate`); its
     outputs carry its name. With `tsne`, also draws a t-SNE of the features of up to
-    1,000 test images per domain.
+    1,000 test images per domain. With `label_free` (or `reverse_validation`, which
+    adds the score that trains a model), adds `label_free_scores` (see label_free.py).
 
     Returns:
         The report (a dict); its `outputs` lists the files written.
@@ -177,5 +185,10 @@ def run(model_dir, test_dir, weights_fname=None, skip_bad_images=False, tsne=Fal
                   "outputs": sorted(outputs.values())}
         if tsne:
             tsne_figure(model, split, outputs["tsne"])
+        if label_free or reverse_validation:
+            recipe = common_flags.recorded_values(
+                os.path.join(model_dir, run_folder.FLAGS_FILE),
+                common_flags.TRAIN) if reverse_validation else None
+            report["label_free_scores"] = label_free_scores(model, split, recipe)
     write_report(report, predictions, outputs, split.class_names, model.mode)
     return report

@@ -59,6 +59,26 @@ def mode_seed_folder(runs_dir, mode, seed):
     return os.path.join(runs_dir, f"{mode}-seed{seed}")
 
 
+def run_commands(model_dir, commands, threads=None, append=False):
+    """Runs the repository's scripts (`[script, *args]` each) one after the other,
+    their output in <model_dir>.log; raises RuntimeError naming the log if one fails.
+
+    `threads` limits each command's TensorFlow threads (default: TensorFlow's own).
+    """
+    log_path = f"{model_dir}.log"
+    env = dict(os.environ)
+    if threads:
+        env.update(TF_NUM_INTRAOP_THREADS=str(threads),
+                   TF_NUM_INTEROP_THREADS=str(threads))
+    os.makedirs(os.path.dirname(os.path.abspath(model_dir)), exist_ok=True)
+    with open(log_path, "a" if append else "w") as log:
+        for command in commands:
+            if subprocess.run([sys.executable, os.path.join(REPO, command[0]),
+                               *command[1:]], env=env, stdout=log,
+                              stderr=subprocess.STDOUT).returncode:
+                raise RuntimeError(f"{' '.join(command)} failed: see {log_path}")
+
+
 def run_job(data_dir, run_dir, mode, seed, num_epochs, threads, reuse_finished=False,
             precision="float32"):
     """Trains one mode and seed with train.py, evaluates it, returns eval_report.json.
@@ -70,28 +90,26 @@ def run_job(data_dir, run_dir, mode, seed, num_epochs, threads, reuse_finished=F
     report = finished_report(model_dir, num_epochs, f"{data_dir}/test", precision) \
         if reuse_finished else None
     if report is None:
-        log_path = f"{model_dir}.log"
         print(f"{mode} seed {seed}: training into {model_dir} (with --overwrite: the "
-              f"table owns its run folders); log {log_path}", flush=True)
-        env = dict(os.environ, TF_NUM_INTRAOP_THREADS=str(threads),
-                   TF_NUM_INTEROP_THREADS=str(threads))
-        commands = [
+              f"table owns its run folders); log {model_dir}.log", flush=True)
+        run_commands(model_dir, [
             ["train.py", f"--train_dir={data_dir}/train", f"--model_dir={model_dir}",
              f"--mode={mode}", f"--num_epochs={num_epochs}", f"--seed={seed}",
              f"--precision={precision}", "--overwrite"],
-            ["eval.py", f"--model_dir={model_dir}", f"--test_dir={data_dir}/test"]]
-        os.makedirs(run_dir, exist_ok=True)
-        with open(log_path, "w") as log:
-            for command in commands:
-                if subprocess.run([sys.executable, os.path.join(REPO, command[0]),
-                                   *command[1:]], env=env, stdout=log,
-                                  stderr=subprocess.STDOUT).returncode:
-                    raise RuntimeError(f"{' '.join(command)} failed: see {log_path}")
+            ["eval.py", f"--model_dir={model_dir}", f"--test_dir={data_dir}/test"]],
+            threads=threads)
         with open(os.path.join(model_dir, run_folder.REPORT_FILE)) as handle:
             report = json.load(handle)
     print(f"{mode} seed {seed}: target accuracy {report['target_accuracy']:.4f} "
           f"({model_dir})", flush=True)
     return report
+
+
+def write_results(prefix, record, text):
+    """Writes PREFIX.json (`record`) and PREFIX.md (`text`, its table); prints `text`."""
+    write_atomically(f"{prefix}.json", lambda handle: json.dump(record, handle, indent=1))
+    write_atomically(f"{prefix}.md", lambda handle: handle.write(text))
+    print(text)
 
 
 def commit():
@@ -185,11 +203,7 @@ def main(argv):
              "num_epochs": FLAGS.num_epochs, "data": data, "machine": bench.machine(),
              "versions": bench.versions(), "commit": commit(),
              "wall_seconds": time.perf_counter() - started}
-    write_atomically(f"{FLAGS.output_prefix}.json",
-                     lambda handle: json.dump(table, handle, indent=1))
-    text = markdown(table)
-    write_atomically(f"{FLAGS.output_prefix}.md", lambda handle: handle.write(text))
-    print(text)
+    write_results(FLAGS.output_prefix, table, markdown(table))
 
 
 if __name__ == "__main__":
