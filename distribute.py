@@ -36,7 +36,7 @@ def tf_config_workers():
         config = json.loads(os.environ.get("TF_CONFIG") or "{}")
     except json.JSONDecodeError as error:
         raise UserError(f"TF_CONFIG is not valid JSON ({error}): see the README's "
-                        "'Several machines' for its form") from None
+                        "'Several devices and machines' for its form") from None
     return config.get("cluster", {}).get("worker", [])
 
 
@@ -57,7 +57,7 @@ def choose(name):
         if not tf_config_workers():
             raise UserError("--distribute=multi_worker needs TF_CONFIG naming the "
                             "workers on every machine: see the README's 'Several "
-                            "machines'")
+                            "devices and machines'")
         options = tf.distribute.experimental.CommunicationOptions(
             timeout_seconds=COLLECTIVE_TIMEOUT_S)
         strategy = tf.distribute.MultiWorkerMirroredStrategy(
