@@ -142,6 +142,15 @@ def write_report(report, predictions, outputs, class_names, label):
                            outputs["confusion_domain"], normalised_only=True)
 
 
+def run_recipe(model_dir):
+    """The train.py flags a run recorded in its flags.txt, as {name: value}."""
+    path = os.path.join(model_dir, run_folder.FLAGS_FILE)
+    if not os.path.isfile(path):
+        raise UserError(f"--reverse_validation trains with the run's recipe, but {path} "
+                        "is missing: evaluate a run folder written by train.py")
+    return common_flags.recorded_values(path, common_flags.TRAIN)
+
+
 def summary_table(report):
     """The short text table eval.py prints."""
     rows = [f"{'domain':<8} {'images':>8} {'label accuracy':>15}"]
@@ -170,6 +179,7 @@ def run(model_dir, test_dir, weights_fname=None, skip_bad_images=False, tsne=Fal
         The report (a dict); its `outputs` lists the files written.
     """
     path = run_folder.model_to_evaluate(model_dir, weights_fname)
+    recipe = run_recipe(model_dir) if reverse_validation else None
     model = load_trained_model(path)
     channels = model.image_shape[2]
     split, skipped = data_utils.scan_and_log(test_dir, model.class_names,
@@ -186,9 +196,6 @@ def run(model_dir, test_dir, weights_fname=None, skip_bad_images=False, tsne=Fal
         if tsne:
             tsne_figure(model, split, outputs["tsne"])
         if label_free or reverse_validation:
-            recipe = common_flags.recorded_values(
-                os.path.join(model_dir, run_folder.FLAGS_FILE),
-                common_flags.TRAIN) if reverse_validation else None
             report["label_free_scores"] = label_free_scores(model, split, recipe)
     write_report(report, predictions, outputs, split.class_names, model.mode)
     return report

@@ -103,6 +103,21 @@ def test_scores_never_read_target_labels(tiny_data, tmp_path):
     assert scores[0] == scores[1]
 
 
+def test_reverse_validation_without_the_runs_flags_is_one_line(tiny_data, tmp_path):
+    model_dir = str(tmp_path / "run")
+    run("train.py", f"--train_dir={tiny_data}/train", f"--model_dir={model_dir}",
+        "--num_epochs=1", "--batch_size=16")
+    os.remove(os.path.join(model_dir, "flags.txt"))
+    result = subprocess.run([sys.executable, os.path.join(REPO, "eval.py"),
+                             f"--model_dir={model_dir}", f"--test_dir={tiny_data}/test",
+                             "--reverse_validation"], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --reverse_validation") and "flags.txt" in last
+    assert not os.path.exists(os.path.join(model_dir, "eval_report.json"))
+
+
 def test_selection_benchmark_writes_the_documented_shape(tmp_path):
     from conftest import write_split
 
