@@ -76,8 +76,9 @@ RUN = {
     "seed": Setting(0, "Random seed of weights and data order."),
     "precision": Setting(
         "float32", "float32: the paper's arithmetic. mixed_bfloat16: hidden layers "
-        "compute in bfloat16 (faster on GPUs and on CPUs with BF16 support, e.g. AVX-512 "
-        "BF16 or AMX); mixed_float16: float16 with dynamic loss scaling (NVIDIA GPUs). "
+        "compute in bfloat16 (faster on GPUs with bfloat16; on a CPU, check "
+        "benchmarks/bench.py's bf16_speedup first: 0.70 on AVX-512 BF16 without AMX); "
+        "mixed_float16: float16 with dynamic loss scaling (NVIDIA GPUs only). "
         "Logits, losses, lambda and the input normalisation stay float32.",
         choices=("float32", "mixed_bfloat16", "mixed_float16")),
     "distribute": Setting(

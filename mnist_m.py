@@ -258,6 +258,18 @@ def _write_set(folder, splits, record):
                      lambda handle: json.dump(record, handle, indent=1, sort_keys=True))
 
 
+def _write_set_in_place_of(output_dir, splits, record):
+    """`_write_set` into a temporary folder, then renamed to `output_dir` (replacing
+    it), so that `output_dir` is either complete or absent."""
+    temporary = f"{output_dir.rstrip(os.sep)}.tmp-build"
+    shutil.rmtree(temporary, ignore_errors=True)
+    _write_set(temporary, splits, record)
+    if os.path.exists(output_dir):
+        shutil.rmtree(output_dir)
+    os.makedirs(os.path.dirname(os.path.abspath(output_dir)), exist_ok=True)
+    os.rename(temporary, output_dir)
+
+
 def _target_record(mnistm_path, backgrounds):
     if mnistm_path:
         return {"target": f"official MNIST-M from {mnistm_path}", "backgrounds": None}
@@ -306,13 +318,7 @@ def build_mnist_mnistm(output_dir, mnist_path=None, mnistm_path=None, background
                          for split, (source, target) in splits.items()}}
     if num_val:
         record["val"] = f"the last {num_val} digits of the training subset"
-    temporary = f"{output_dir.rstrip(os.sep)}.tmp-build"
-    shutil.rmtree(temporary, ignore_errors=True)
-    _write_set(temporary, splits, record)
-    if os.path.exists(output_dir):
-        shutil.rmtree(output_dir)
-    os.makedirs(os.path.dirname(os.path.abspath(output_dir)), exist_ok=True)
-    os.rename(temporary, output_dir)
+    _write_set_in_place_of(output_dir, splits, record)
     log(f"Wrote {output_dir}: {json.dumps(record['counts'])}")
     return record
 
