@@ -49,12 +49,39 @@ DATA = {
     "val_dir": Setting(None, "Optional split evaluated after every epoch (source, target "
                        "and domain accuracy), for logging only, never for choosing a "
                        "checkpoint."),
-    "img_width": Setting(28, "Image width; other sizes are resized.", "positive"),
-    "img_height": Setting(28, "Image height; other sizes are resized.", "positive"),
+    "img_width": Setting(0, "Image width; other sizes are resized (0: the model's own, "
+                         "28 for the digit networks, 224 for resnet50).", "at least 0"),
+    "img_height": Setting(0, "Image height; other sizes are resized (0: the model's own, "
+                          "28 for the digit networks, 224 for resnet50).", "at least 0"),
     "img_mode": Setting("rgb", "Channels the images are read with; grayscale sources "
                         "are repeated to 3 channels in rgb mode.",
                         choices=("rgb", "grayscale")),
     "skip_bad_images": SKIP_BAD_IMAGES,
+    "augment": Setting(False, "Random resized crop and horizontal flip of training "
+                       "images, resize and centre crop of evaluated ones (for photos; "
+                       "off for digits). Stored in the saved model."),
+    "cache": Setting(
+        "auto", "Where decoded training images are kept. memory: decoded once, held in "
+        "memory (fastest for small sets). disk: decoded once into a file in --model_dir. "
+        "none: decoded again every epoch. auto: memory if the decoded set fits in a "
+        "quarter of this machine's memory, else none; the log says which.",
+        choices=("auto", "memory", "disk", "none")),
+}
+NETWORK = {
+    "model": Setting("mnist", "mnist: the paper's MNIST network. svhn: the paper's "
+                     "SVHN/synthetic-digits network. keras_dann: the MNIST network as the "
+                     "original Keras DANN repository built it (random-normal "
+                     "initialisers, dropout 0.5 in both heads). resnet50: a "
+                     "keras.applications ResNet-50 backbone with a 256-unit bottleneck, "
+                     "learning at 0.1x the heads' rate (for photos; see --weights). "
+                     "Stored in the saved model.",
+                     choices=("mnist", "svhn", "keras_dann", "resnet50")),
+    "weights": Setting("none", "Backbone weights for --model resnet50: imagenet "
+                       "(downloaded by Keras on first use into ~/.keras/models), a local "
+                       "Keras weights file, or none (random)."),
+    "fixed_lambda": Setting(0.0, "A constant gradient-reversal lambda from the first "
+                            "step instead of the paper's schedule (0: the schedule; the "
+                            "original Keras DANN repository used 1).", "at least 0"),
 }
 RUN = {
     "model_dir": MODEL_DIR,
@@ -104,7 +131,7 @@ OPTIMISATION = {
     "lr_beta": Setting(0.75, "beta in lr0 / (1 + alpha p)^beta.", "at least 0"),
     "gamma": Setting(10.0, "gamma in lambda = 2 / (1 + exp(-gamma p)) - 1.", "at least 0"),
 }
-TRAIN = {**DATA, **RUN, **OPTIMISATION}
+TRAIN = {**DATA, **NETWORK, **RUN, **OPTIMISATION}
 EVAL = {
     "model_dir": MODEL_DIR,
     "test_dir": Setting(os.path.join(DEFAULT_DATA_DIR, "test"), "Split to evaluate: a "

@@ -220,13 +220,13 @@ def naming_unreadable(splits, channels):
         raise
 
 
-def decoded_batches(files, image_size, channels):
-    """A cached dataset of (uint8 images, int32 labels) batches in file order.
+def decoded_batches(files, image_size, channels, cache=True):
+    """A dataset of (uint8 images, int32 labels) batches in file order.
 
-    Decoding runs in parallel, DECODE_BATCH files at a time; the decoded batches are
-    cached in memory, so only the first pass reads the files. Caching whole batches
-    rather than single images keeps tf.data's per-element cost off the pass that
-    fills the cache; `.unbatch()` gives the images one by one.
+    Decoding runs in parallel, DECODE_BATCH files at a time. With `cache`, the decoded
+    batches are kept in memory, so only the first pass reads the files; caching whole
+    batches rather than single images keeps tf.data's per-element cost off the pass
+    that fills the cache. `.unbatch()` gives the images one by one.
     """
     labels = tf.constant(files.labels, tf.int32)
     dataset = tf.data.Dataset.from_tensor_slices((files.paths, labels)).batch(
@@ -234,14 +234,19 @@ def decoded_batches(files, image_size, channels):
     dataset = dataset.map(
         lambda paths, labels: (decode_images(paths, image_size, channels), labels),
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return without_autotune_thread(dataset.cache())
+    return without_autotune_thread(dataset.cache() if cache else dataset.prefetch(
+        tf.data.AUTOTUNE))
 
 
-def image_batches(files, image_size, channels, batch_size):
-    """Uncached batches of the decoded images of `files` in order, for a single pass."""
+def image_batches(files, image_size, channels, batch_size, crop=False):
+    """Uncached batches of the decoded images of `files` in order, for a single pass;
+    centre-cropped with `crop`."""
+    def decode(paths):
+        images = decode_images(paths, image_size, channels)
+        return centre_crop(images) if crop else images
+
     dataset = tf.data.Dataset.from_tensor_slices(files.paths).batch(batch_size)
-    return without_autotune_thread(dataset.map(
-        lambda paths: decode_images(paths, image_size, channels),
+    return without_autotune_thread(dataset.map(decode,
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE))
 
 
@@ -254,25 +259,50 @@ def steps_per_epoch(num_source, num_target, batch_size):
     return -(-max(num_source, num_target) // batch_size)
 
 
+def random_resized_crop(image, seed):
+    """A random crop of 8-100% of the image's area, aspect ratio 3/4-4/3, resized back
+    to the image's size, then a random horizontal flip; `seed` is a stateless pair."""
+    size = tf.shape(image)[:2]
+    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image), tf.zeros((1, 0, 4)), seed, min_object_covered=0.0,
+        aspect_ratio_range=(0.75, 4 / 3), area_range=(0.08, 1.0), max_attempts=10,
+        use_image_if_no_bounding_boxes=True)
+    crop = tf.image.resize(tf.slice(image, begin, crop_size), size)
+    crop = tf.image.stateless_random_flip_left_right(crop, seed + 1)
+    return tf.cast(tf.clip_by_value(tf.round(crop), 0, 255), tf.uint8)
+
+
+def centre_crop(images):
+    """The central 87.5% of a batch of uint8 images, resized back to their size (as
+    resizing to 256 and cropping 224)."""
+    size = tf.shape(images)[1:3]
+    crop = tf.image.resize(tf.image.central_crop(images, 0.875), size)
+    return tf.cast(tf.clip_by_value(tf.round(crop), 0, 255), tf.uint8)
+
+
 def training_dataset(source, target, labelled_domain, batch_size, seed,
-                     skip_steps=0):
+                     skip_steps=0, augment=False):
     """An endless stream of dicts `source_images`, `target_images`, `labels`.
 
     Each domain is reshuffled on every pass and repeats on its own, so the smaller
-    one comes round more often. The order depends only on `seed`, so a run resumed
-    after `skip_steps` steps sees the batches an uninterrupted run sees. `source`
-    and `target` are `(decoded_batches, number of images)`; only the labels of
-    `labelled_domain` ("source", or "target" in target_only mode) enter the batches.
+    one comes round more often. The order (and with `augment`, each image's random
+    crop and flip) depends only on `seed`, so a run resumed after `skip_steps` steps
+    sees the batches an uninterrupted run sees. `source` and `target` are
+    `cache.DomainImages`; only the labels of `labelled_domain` ("source", or "target"
+    in target_only mode) enter the batches.
     """
     streams = []
-    for index, (data, size) in enumerate((source, target)):
-        if DOMAINS[index] != labelled_domain:
-            data = data.map(lambda images, labels: (images, tf.fill(tf.shape(labels),
-                                                                    -1)))
-        shuffled = data.unbatch().shuffle(size, seed=seed * 2 + index,
-                                          reshuffle_each_iteration=True).repeat()
-        streams.append(shuffled.skip(skip_steps * batch_size).batch(
-            batch_size, drop_remainder=True))
+    for index, domain in enumerate((source, target)):
+        stream = domain.shuffled(seed * 2 + index, DOMAINS[index] == labelled_domain,
+                                 skip_steps * batch_size)
+        if augment:
+            stream = stream.map(
+                lambda number, image, label, index=index: (random_resized_crop(
+                    image, tf.stack([tf.cast(seed * 2 + index, tf.int64), number])),
+                    label), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        else:
+            stream = stream.map(lambda number, image, label: (image, label))
+        streams.append(stream.batch(batch_size, drop_remainder=True))
 
     def to_batch(source_batch, target_batch):
         labelled = source_batch if labelled_domain == "source" else target_batch
@@ -282,12 +312,13 @@ def training_dataset(source, target, labelled_domain, batch_size, seed,
     return tf.data.Dataset.zip(tuple(streams)).map(to_batch).prefetch(tf.data.AUTOTUNE)
 
 
-def evaluation_dataset(source_batches, target_batches, batch_size):
+def evaluation_dataset(source_batches, target_batches, batch_size, crop=False):
     """Both domains' `decoded_batches` in one stream of `images`, `labels`, `domains`
-    (0 / 1) batches of `batch_size`."""
+    (0 / 1) batches of `batch_size`, centre-cropped with `crop`."""
     def tag(domain):
-        return lambda images, labels: {"images": images, "labels": labels,
-                                       "domains": tf.fill(tf.shape(labels), domain)}
+        return lambda images, labels: {
+            "images": centre_crop(images) if crop else images, "labels": labels,
+            "domains": tf.fill(tf.shape(labels), domain)}
 
     stream = source_batches.map(tag(0)).concatenate(target_batches.map(tag(1)))
     return stream.rebatch(batch_size).prefetch(tf.data.AUTOTUNE)

@@ -47,7 +47,7 @@ def load_trained_model(path):
 def predict_domain(model, files, batch_size=EVAL_BATCH_SIZE):
     """Class logits (N, classes) and domain logits (N,) for the images of one domain."""
     batches = data_utils.image_batches(files, model.image_shape[:2],
-                                       model.image_shape[2], batch_size)
+                                       model.image_shape[2], batch_size, crop=model.augment)
     outputs = model.predict(batches, verbose=0)
     return outputs["class_logits"], outputs["domain_logits"][:, 0]
 
@@ -116,7 +116,8 @@ def tsne_figure(model, split, path, per_domain=1000, seed=0):
     for index, domain in enumerate(data_utils.DOMAINS):
         files = sample_files(getattr(split, domain), per_domain, seed)
         batches = data_utils.image_batches(files, model.image_shape[:2],
-                                           model.image_shape[2], EVAL_BATCH_SIZE)
+                                           model.image_shape[2], EVAL_BATCH_SIZE,
+                                           crop=model.augment)
         features.append(model.features.predict(batches, verbose=0))
         domains.append(np.full(len(files), index))
     embedding = manifold.TSNE(n_components=2, init="pca", random_state=seed,

@@ -14,8 +14,10 @@ import numpy as np
 from scipy import special
 from sklearn import linear_model, preprocessing
 
+import cache
 import data_utils
 import models
+import networks
 
 SND_TEMPERATURE = 0.05  # Saito et al. (2021)'s default
 DEV_REGULARISATION = 1.0  # C of the logistic-regression domain classifier (sklearn's)
@@ -35,7 +37,7 @@ def in_content_order(files):
 def embed(model, files, batch_size=512):
     """(shared features, class logits) of the images of `files`, in their order."""
     batches = data_utils.image_batches(files, model.image_shape[:2], model.image_shape[2],
-                                       batch_size)
+                                       batch_size, crop=model.augment)
     features = model.features.predict(batches, verbose=0)
     logits = model.label_head.predict(features, batch_size=batch_size, verbose=0)
     return features.astype(np.float64), logits.astype(np.float64)
@@ -89,23 +91,27 @@ def reverse_validation(model, source, target, pseudo_labels, recipe):
 
     Args:
         recipe: {lr, momentum, lr_alpha, lr_beta, gamma, batch_size, num_epochs, seed,
-            precision}, the run's own flags.
+            precision, weights, fixed_lambda}, the run's own flags.
     """
     shape = model.image_shape
     keras.utils.set_random_seed(recipe["seed"])
-    reverse_source = data_utils.decoded_batches(
+    reverse_source = cache.DomainImages(
         data_utils.DomainFiles(target.paths, list(pseudo_labels)), shape[:2], shape[2])
-    reverse_target = data_utils.decoded_batches(source, shape[:2], shape[2])
+    reverse_target = cache.DomainImages(source, shape[:2], shape[2])
     steps = data_utils.steps_per_epoch(len(target), len(source), recipe["batch_size"])
-    mean = models.channel_mean(images for domain in (reverse_source, reverse_target)
-                               for images, _ in domain)
+    mean = [0.0] * shape[2]
+    if networks.uses_channel_mean(model.network):
+        mean = models.channel_mean(images for domain in (reverse_source, reverse_target)
+                                   for images, _ in domain.batches())
     reverse = models.build_dann(
         shape, model.num_classes, mean, "dann", steps * recipe["num_epochs"],
         recipe["lr"], recipe["momentum"], recipe["lr_alpha"], recipe["lr_beta"],
-        recipe["gamma"], precision=recipe["precision"])
-    batches = data_utils.training_dataset(
-        (reverse_source, len(target)), (reverse_target, len(source)), "source",
-        recipe["batch_size"], recipe["seed"])
+        recipe["gamma"], precision=recipe["precision"], network=model.network,
+        weights=recipe["weights"], fixed_lambda=recipe["fixed_lambda"],
+        augment=model.augment)
+    batches = data_utils.training_dataset(reverse_source, reverse_target, "source",
+                                          recipe["batch_size"], recipe["seed"],
+                                          augment=model.augment)
     reverse.fit(batches, epochs=recipe["num_epochs"], steps_per_epoch=steps, verbose=0,
                 shuffle=False)
     _, logits = embed(reverse, source)

@@ -6,8 +6,9 @@
 
 writes DIR/{train,test}/{source,target}/class_<k>/*.png (and DIR/val with --num_val)
 and DIR/dataset.json. The source is MNIST (grayscale), the target MNIST-M (colour,
-same labels): generated as the paper says, or read from the official release. TensorFlow (for PNG encoding) and
-Keras (for its MNIST download) load only when used, so the flags are checked first.
+same labels): generated as the paper says, or read from the official release.
+TensorFlow (for PNG encoding) and Keras (for its MNIST download) load only when used,
+so the flags are checked first.
 """
 
 import io

@@ -8,6 +8,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+import networks
+
 MODES = ("dann", "source_only", "target_only")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 SOURCE_DOMAIN, TARGET_DOMAIN = 0, 1
@@ -81,42 +83,6 @@ class ScheduleLogger(keras.callbacks.Callback):
             logs["lr"] = float(self.model.optimizer.learning_rate)
 
 
-def feature_extractor(input_shape, mean, precision="float32"):
-    """Pixels in [0, 255] -> the paper's 768-d MNIST features.
-
-    The per-channel training mean is part of the network, so a saved model needs no
-    separate statistics file. The scaling and normalisation run in float32 whatever the
-    `precision` (a Keras dtype policy) of the layers after them.
-    """
-    return keras.Sequential(
-        [
-            keras.Input(shape=input_shape),
-            keras.layers.Rescaling(1.0 / 255.0, dtype="float32"),
-            keras.layers.Normalization(mean=list(mean), variance=[1.0] * len(mean),
-                                       dtype="float32"),
-            keras.layers.Conv2D(32, 5, activation="relu", dtype=precision),
-            keras.layers.MaxPooling2D(2, 2, dtype=precision),
-            keras.layers.Conv2D(48, 5, activation="relu", dtype=precision),
-            keras.layers.MaxPooling2D(2, 2, dtype=precision),
-            keras.layers.Flatten(dtype=precision),
-        ],
-        name="features",
-    )
-
-
-def dense_head(feature_dim, hidden_units, outputs, name, precision="float32"):
-    """FC-ReLU layers of `hidden_units` in `precision`, then FC(`outputs`) float32 logits.
-
-    The paper's label predictor is `dense_head(768, (100, 100), classes)`; its domain
-    classifier, behind the GRL, `dense_head(768, (100,), 1)` (a logit, target = 1).
-    """
-    return keras.Sequential(
-        [keras.Input(shape=(feature_dim,)),
-         *(keras.layers.Dense(units, activation="relu", dtype=precision)
-           for units in hidden_units),
-         keras.layers.Dense(outputs, dtype="float32")], name=name)
-
-
 @keras.saving.register_keras_serializable(package="dann")
 class DANN(keras.Model):
     """Shared features, a label head and a domain head behind a gradient reversal.
@@ -128,31 +94,38 @@ class DANN(keras.Model):
     in `dann` mode does lambda > 0 let it push back into the features, so in the
     other modes the domain head is a probe of how separable the features are.
 
+    `network` names the feature extractor and heads (`networks.NETWORKS`); a
+    backbone's weights come from `weights` when the model is built and from the model
+    file when it is loaded (so `weights` is not part of the config). `fixed_lambda` > 0
+    replaces the lambda schedule; `augment` tells evaluation to centre-crop.
+
     Calling the model returns `{"class_logits", "domain_logits"}`.
     """
 
     def __init__(self, input_shape, num_classes, mean, mode="dann", class_names=None,
-                 total_steps=1, gamma=10.0, precision="float32", **kwargs):
+                 total_steps=1, gamma=10.0, precision="float32", network="mnist",
+                 fixed_lambda=0.0, weights="none", augment=False, **kwargs):
         super().__init__(**kwargs)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        self.precision = precision
+        self.precision, self.network, self.augment = precision, network, bool(augment)
         self.image_shape = tuple(int(d) for d in input_shape)
         self.num_classes, self.mode = int(num_classes), mode
         self.mean = [float(m) for m in mean]
         self.total_steps, self.gamma = int(total_steps), float(gamma)
+        self.fixed_lambda = float(fixed_lambda)
         self.class_names = list(class_names) if class_names else [
             str(k) for k in range(self.num_classes)]
-        self.features = feature_extractor(self.image_shape, self.mean, precision)
-        feature_dim = self.features.output_shape[-1]
-        self.label_head = dense_head(feature_dim, (100, 100), self.num_classes,
-                                     "label_classifier", precision)
+        parts = networks.build(network, self.image_shape, self.num_classes, self.mean,
+                               precision, weights)
+        self.features, self.label_head = parts.features, parts.label_head
         # float32, so lambda scales the reversed gradient in full precision.
         self.grl = GradientReversal(0.0, name="gradient_reversal", dtype="float32")
-        self.domain_head = dense_head(feature_dim, (100,), 1, "domain_classifier",
-                                      precision)
+        self.domain_head = parts.domain_head
+        self._slow_weight_ids = {id(weight) for weight in (
+            parts.backbone.trainable_weights if parts.backbone else ())}
         self.labelled_domain = TARGET_DOMAIN if mode == "target_only" else SOURCE_DOMAIN
         self.trackers = {name: keras.metrics.Mean(name=name)
                          for name in ("loss", "label_loss", "domain_loss")}
@@ -210,9 +183,12 @@ class DANN(keras.Model):
         self.accuracies["domain_accuracy"].update_state(domain_labels, domain_logits)
 
     def adaptation_factor(self):
-        """lambda for the coming step: the paper's schedule in `dann` mode, else 0."""
+        """lambda for the coming step: in `dann` mode the paper's schedule, or
+        `fixed_lambda` where it is above 0; 0 in the other modes."""
         if self.mode != "dann":
             return tf.constant(0.0)
+        if self.fixed_lambda > 0:
+            return tf.constant(self.fixed_lambda)
         p = training_progress(self.optimizer.iterations, self.total_steps)
         return 2.0 / (1.0 + tf.exp(-self.gamma * p)) - 1.0
 
@@ -229,6 +205,10 @@ class DANN(keras.Model):
             loss = self.optimizer.scale_loss((label_loss + domain_loss) / replicas)
         weights = self.trainable_weights
         gradients = tape.gradient(loss, weights)
+        # With SGD and momentum, a gradient scaled by s is a learning rate scaled by s.
+        gradients = [gradient * networks.BACKBONE_LR_SCALE
+                     if id(weight) in self._slow_weight_ids else gradient
+                     for gradient, weight in zip(gradients, weights)]
         self.optimizer.apply(gradients, weights)
         self._update_metrics(batch, label_loss, domain_loss, *outputs)
         return self.training_logs()
@@ -256,7 +236,9 @@ class DANN(keras.Model):
         return {**super().get_config(), "input_shape": list(self.image_shape),
                 "num_classes": self.num_classes, "mean": self.mean, "mode": self.mode,
                 "class_names": self.class_names, "total_steps": self.total_steps,
-                "gamma": self.gamma, "precision": self.precision}
+                "gamma": self.gamma, "precision": self.precision,
+                "network": self.network, "fixed_lambda": self.fixed_lambda,
+                "augment": self.augment}
 
 
 @keras.saving.register_keras_serializable(package="dann")
@@ -275,7 +257,7 @@ class StepCountingLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
 
 def build_dann(input_shape, num_classes, mean, mode, total_steps, lr=0.01,
                momentum=0.9, lr_alpha=10.0, lr_beta=0.75, gamma=10.0, class_names=None,
-               steps_per_execution=1, precision="float32"):
+               steps_per_execution=1, precision="float32", **network_options):
     """A compiled `DANN` with the paper's SGD and learning-rate annealing.
 
     Args:
@@ -285,9 +267,11 @@ def build_dann(input_shape, num_classes, mean, mode, total_steps, lr=0.01,
         lr, momentum, lr_alpha, lr_beta, gamma: as the flags of the same names.
         precision: one of PRECISIONS, the Keras dtype policy of the hidden layers;
             `mixed_float16` adds dynamic loss scaling.
+        **network_options: `network`, `weights`, `fixed_lambda`, `augment` of `DANN`.
     """
     model = DANN(input_shape, num_classes, mean, mode, class_names=class_names,
-                 total_steps=total_steps, gamma=gamma, precision=precision)
+                 total_steps=total_steps, gamma=gamma, precision=precision,
+                 **network_options)
     schedule = DANNLearningRate(lr, total_steps, lr_alpha, lr_beta)
     optimizer = keras.optimizers.SGD(learning_rate=schedule, momentum=momentum)
     if precision == "mixed_float16":

@@ -30,8 +30,9 @@ CHECKPOINT_PATTERN = re.compile(r"^ckpt-(\d+)\.keras$")
 LOCK_FILE = ".lock"
 REPORT_FILE = "eval_report.json"
 EVAL_PATTERNS = ("eval_report*.json", "confusion_*.png", "pr_*.png", "tsne*.png")
+DECODED_CACHE_DIR = "decoded_cache"  # --cache disk
 RUN_FILES = (FINAL_MODEL, FLAGS_FILE, CHECKPOINT_DIR, HISTORY_CSV, HISTORY_JSON,
-             CURVES_PNG, "logs")
+             CURVES_PNG, "logs", DECODED_CACHE_DIR)
 
 
 def checkpoint_path(model_dir, step):

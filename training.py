@@ -10,10 +10,12 @@ import time
 import keras
 from absl import logging
 
+import cache
 import common_flags
 import data_utils
 import distribute
 import models
+import networks
 import plots
 import run_folder
 from file_utils import DiskFull, UserError, save_atomically, write_atomically
@@ -25,8 +27,11 @@ their defaults, checked by the same rules when built in code."""
 
 
 def image_shape(config):
-    """(height, width, channels) of the images a run trains on."""
-    return (config.img_height, config.img_width, 3 if config.img_mode == "rgb" else 1)
+    """(height, width, channels) of the images a run trains on; a size of 0 is the
+    model's own."""
+    default = networks.DEFAULT_IMAGE_SIZE[config.model]
+    return (config.img_height or default, config.img_width or default,
+            3 if config.img_mode == "rgb" else 1)
 
 
 def save_model_atomically(model, path):
@@ -81,10 +86,11 @@ class HistoryWriter(keras.callbacks.Callback):
 
 @dataclasses.dataclass
 class TrainingData:
-    """The scanned training split, its decoded domains and the optional validation."""
+    """The scanned training split, its two `cache.DomainImages` and the optional
+    validation stream."""
     train: data_utils.SplitFiles
-    source: object
-    target: object
+    source: cache.DomainImages
+    target: cache.DomainImages
     validation: object = None
     validation_steps: int = None
     val: data_utils.SplitFiles = None
@@ -95,36 +101,51 @@ class TrainingData:
         return [self.train] + ([self.val] if self.val else [])
 
 
-def load_split(split_dir, config, class_names=None):
-    """Scans a split and returns (SplitFiles, source and target `decoded_batches`)."""
+def load_split(split_dir, config, class_names=None, mode=None):
+    """Scans a split; returns (SplitFiles, source and target `cache.DomainImages`),
+    kept as `mode` says, or as --cache chooses for the training split."""
     shape = image_shape(config)
     split, _ = data_utils.scan_and_log(split_dir, class_names, config.skip_bad_images,
                                        shape[2])
-    return (split, data_utils.decoded_batches(split.source, shape[:2], shape[2]),
-            data_utils.decoded_batches(split.target, shape[:2], shape[2]))
+    domains = [cache.DomainImages(getattr(split, domain), shape[:2], shape[2])
+               for domain in data_utils.DOMAINS]
+    if mode is None:
+        mode, reason = cache.choose(config.cache, sum(d.decoded_bytes() for d in domains))
+        logging.info("%s: decoded images kept in %s (%s)", split_dir, mode, reason)
+    disk_dir = os.path.join(config.model_dir, run_folder.DECODED_CACHE_DIR)
+    return (split, *(cache.DomainImages(d.files, shape[:2], shape[2], mode, disk_dir)
+                     for d in domains))
 
 
 def load_data(config):
     """The training split and, with --val_dir, the validation stream."""
     data = TrainingData(*load_split(config.train_dir, config))
     if config.val_dir:
+        mode = "memory" if data.source.mode == "memory" else "none"
         data.val, source, target = load_split(config.val_dir, config,
-                                              data.train.class_names)
+                                              data.train.class_names, mode)
         batch_size = config.batch_size * 4
-        data.validation = data_utils.evaluation_dataset(source, target, batch_size)
+        data.validation = data_utils.evaluation_dataset(
+            source.batches(), target.batches(), batch_size, crop=config.augment)
         data.validation_steps = -(-(len(data.val.source) + len(data.val.target))
                                   // batch_size)
     return data
 
 
 def new_model(config, data, total_steps):
-    """A compiled DANN whose input normalisation is the training images' channel mean."""
-    mean = models.channel_mean(images for domain in (data.source, data.target)
-                               for images, _ in domain)
+    """A compiled DANN; a digit network's input normalisation is the training images'
+    channel mean."""
+    shape = image_shape(config)
+    mean = [0.0] * shape[2]
+    if networks.uses_channel_mean(config.model):
+        mean = models.channel_mean(images for domain in (data.source, data.target)
+                                   for images, _ in domain.batches())
     return models.build_dann(
-        image_shape(config), len(data.train.class_names), mean, config.mode,
+        shape, len(data.train.class_names), mean, config.mode,
         total_steps, config.lr, config.momentum, config.lr_alpha, config.lr_beta,
-        config.gamma, data.train.class_names, precision=config.precision)
+        config.gamma, data.train.class_names, precision=config.precision,
+        network=config.model, weights=config.weights, fixed_lambda=config.fixed_lambda,
+        augment=config.augment)
 
 
 def restore(config, total_steps):
@@ -135,10 +156,10 @@ def restore(config, total_steps):
             f"--restore_model: {config.model_dir} has no checkpoint to resume from: "
             "train without --restore_model, with --overwrite if the folder holds a run")
     model = keras.saving.load_model(path)
-    saved = (model.mode, model.total_steps, model.precision)
-    wanted = (config.mode, total_steps, config.precision)
+    saved = (model.network, model.mode, model.total_steps, model.precision)
+    wanted = (config.model, config.mode, total_steps, config.precision)
     if saved != wanted:
-        describe = "a {} run of {} steps in {}".format
+        describe = "a {} {} run of {} steps in {}".format
         raise UserError(
             f"{path} belongs to {describe(*saved)}, but these flags ask for "
             f"{describe(*wanted)}: resume with the flags in "
@@ -234,6 +255,7 @@ def run(config, verbose=1, flags_file_text=None, strategy=None):
         TrainingStopped: a signal or a non-finite loss stopped training.
     """
     run_started = time.perf_counter()
+    networks.check(config.model, image_shape(config), config.weights)
     strategy = strategy or distribute.choose(config.distribute)[0]
     distribute.check_batch_size(config.batch_size, strategy)
     if config.val_dir and distribute.is_multi_worker(strategy):
@@ -331,16 +353,16 @@ def fit(model, config, data, steps, run_started, verbose, strategy, writes=True)
                                     distribute.steps_per_call(config.steps_per_execution,
                                                               strategy))
             batches = functools.partial(
-                data_utils.training_dataset, (data.source, len(data.train.source)),
-                (data.target, len(data.train.target)), labelled, config.batch_size,
-                config.seed, skip_steps=epoch * steps + steps - epoch_steps)
+                data_utils.training_dataset, data.source, data.target, labelled,
+                config.batch_size, config.seed,
+                skip_steps=epoch * steps + steps - epoch_steps, augment=config.augment)
             if distribute.is_multi_worker(strategy):
                 distribute.fit_multi_worker(model, strategy, batches(), config.batch_size,
                                             (epoch, epochs), epoch_steps, callbacks,
                                             verbose)
             else:
-                model.fit(distribute.for_keras_fit(batches, strategy), epochs=epochs, steps_per_epoch=epoch_steps,
-                          initial_epoch=epoch, validation_data=data.validation,
+                model.fit(distribute.for_keras_fit(batches, strategy), epochs=epochs,
+                          steps_per_epoch=epoch_steps, initial_epoch=epoch, validation_data=data.validation,
                           validation_steps=data.validation_steps, callbacks=callbacks,
                           verbose=verbose, shuffle=False)
     return history

@@ -3,10 +3,14 @@
     python benchmarks/paper_table.py [--seeds 3] [--num_epochs 40]
     python benchmarks/paper_table.py --modes dann --precision mixed_bfloat16 \
         --runs_dir runs/paper_table_bf16 --output_prefix benchmarks/paper_table_bf16
+    python benchmarks/paper_table.py --modes dann --model keras_dann \
+        --runs_dir runs/paper_table_keras_dann \
+        --output_prefix benchmarks/paper_table_keras_dann
 
-Trains source_only, dann and target_only (or --modes) with the paper's network and
-recipe, in --precision, for each seed through the real train.py, evaluates each final model with eval.py on the test
-split (no checkpoint is chosen on it), and writes paper_table.json and paper_table.md.
+Trains source_only, dann and target_only (or --modes) with the paper's recipe and
+--model's network, in --precision, for each seed through the real train.py, evaluates
+each final model with eval.py on the test split (no checkpoint is chosen on it), and
+writes paper_table.json and paper_table.md.
 Runs go side by side, each on its own thread(s).
 """
 
@@ -33,9 +37,16 @@ PAPER = {"JMLR 2016": {"source_only": 0.5225, "dann": 0.7666, "target_only": 0.9
          "ICML 2015": {"source_only": 0.5749, "dann": 0.8149, "target_only": 0.9891}}
 
 
-def finished_report(model_dir, num_epochs, test_dir, precision="float32"):
-    """The eval report of a run in `precision` that trained all `num_epochs` and was
-    evaluated on `test_dir` after its last epoch, else None."""
+def recorded_flag(run_flags, name, default):
+    """A flag's value in a run's flags.txt lines, or `default` where the run predates
+    the flag."""
+    return next((flag.split("=", 1)[1] for flag in run_flags
+                 if flag.startswith(f"--{name}=")), default)
+
+
+def finished_report(model_dir, num_epochs, test_dir, precision="float32", model="mnist"):
+    """The eval report of a run of `model` in `precision` that trained all `num_epochs`
+    and was evaluated on `test_dir` after its last epoch, else None."""
     paths = [os.path.join(model_dir, name) for name in
              (run_folder.HISTORY_JSON, run_folder.FINAL_MODEL, run_folder.REPORT_FILE,
               run_folder.FLAGS_FILE)]
@@ -47,11 +58,10 @@ def finished_report(model_dir, num_epochs, test_dir, precision="float32"):
         run_flags = flags_file.read().split()
     evaluated_last = os.path.getmtime(paths[2]) >= os.path.getmtime(paths[1])
     same_test = os.path.abspath(report["test_dir"]) == os.path.abspath(test_dir)
-    # Runs from before --precision existed trained in float32.
-    ran_in = next((flag.split("=", 1)[1] for flag in run_flags
-                   if flag.startswith("--precision=")), "float32")
+    recipe = (recorded_flag(run_flags, "precision", "float32"),
+              recorded_flag(run_flags, "model", "mnist"))
     finished = epochs == num_epochs and evaluated_last and same_test
-    return report if finished and ran_in == precision else None
+    return report if finished and recipe == (precision, model) else None
 
 
 def mode_seed_folder(runs_dir, mode, seed):
@@ -80,22 +90,22 @@ def run_commands(model_dir, commands, threads=None, append=False):
 
 
 def run_job(data_dir, run_dir, mode, seed, num_epochs, threads, reuse_finished=False,
-            precision="float32"):
+            precision="float32", model="mnist"):
     """Trains one mode and seed with train.py, evaluates it, returns eval_report.json.
 
     Says when the run starts and ends, with its result; the commands' output goes to
     <run folder>.log.
     """
     model_dir = mode_seed_folder(run_dir, mode, seed)
-    report = finished_report(model_dir, num_epochs, f"{data_dir}/test", precision) \
-        if reuse_finished else None
+    report = finished_report(model_dir, num_epochs, f"{data_dir}/test", precision,
+                             model) if reuse_finished else None
     if report is None:
         print(f"{mode} seed {seed}: training into {model_dir} (with --overwrite: the "
               f"table owns its run folders); log {model_dir}.log", flush=True)
         run_commands(model_dir, [
             ["train.py", f"--train_dir={data_dir}/train", f"--model_dir={model_dir}",
              f"--mode={mode}", f"--num_epochs={num_epochs}", f"--seed={seed}",
-             f"--precision={precision}", "--overwrite"],
+             f"--precision={precision}", f"--model={model}", "--overwrite"],
             ["eval.py", f"--model_dir={model_dir}", f"--test_dir={data_dir}/test"]],
             threads=threads)
         with open(os.path.join(model_dir, run_folder.REPORT_FILE)) as handle:
@@ -150,7 +160,8 @@ def markdown(table):
     precision = table.get("precision", "float32")
     lines = [
         f"MNIST -> MNIST-M target test accuracy, mean +- std over {len(table['seeds'])} "
-        f"seeds ({table['num_epochs']} epochs, {precision}; target: "
+        f"seeds ({table.get('model', 'mnist')} network, {table['num_epochs']} epochs, "
+        f"{precision}; target: "
         f"{table['data'].get('target', table['data']['path'])}).",
         "",
         "| method | ours | JMLR 2016 | ICML 2015 |",
@@ -194,11 +205,12 @@ def main(argv):
                 jobs[mode, seed] = pool.submit(run_job, data_dir, FLAGS.runs_dir, mode,
                                                seed, FLAGS.num_epochs,
                                                FLAGS.threads_per_run,
-                                               FLAGS.reuse_finished, FLAGS.precision)
+                                               FLAGS.reuse_finished, FLAGS.precision,
+                                               FLAGS.model)
     reports = {key: job.result() for key, job in jobs.items()}
     modes = [mode for mode in ORDER if mode in FLAGS.modes]
     table = {"modes": summarise(reports, seeds, FLAGS.runs_dir, modes), "seeds": seeds,
-             "precision": FLAGS.precision,
+             "precision": FLAGS.precision, "model": FLAGS.model,
              "parallel": FLAGS.parallel,
              "num_epochs": FLAGS.num_epochs, "data": data, "machine": bench.machine(),
              "versions": bench.versions(), "commit": commit(),
@@ -217,6 +229,8 @@ if __name__ == "__main__":
     flags.DEFINE_multi_enum("modes", list(ORDER), ORDER, "Modes to train (a row each).")
     flags.DEFINE_enum("precision", "float32", common_flags.RUN["precision"].choices,
                       "train.py's --precision of every run.")
+    flags.DEFINE_enum("model", "mnist", common_flags.NETWORK["model"].choices,
+                      "train.py's --model of every run.")
     flags.DEFINE_integer("parallel", 2, "Runs side by side.")
     flags.DEFINE_integer("threads_per_run", 1, "TensorFlow threads of each run.")
     flags.DEFINE_boolean("reuse_finished", False, "Keep runs in --runs_dir that trained "

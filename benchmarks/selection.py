@@ -93,8 +93,8 @@ def seed_check(rows, data_dir, runs_dir, seed):
              for index in (best, worst)}
     stable = {}
     for name in rows[0]["label_free_scores"]:
-        first = rows[best]["label_free_scores"][name] > rows[worst]["label_free_scores"][name]
-        stable[name] = first == (again[best][name] > again[worst][name])
+        first = [rows[index]["label_free_scores"][name] for index in (best, worst)]
+        stable[name] = (first[0] > first[1]) == (again[best][name] > again[worst][name])
     return {"seed": seed, "best": best, "worst": worst,
             "scores": {str(index): scores for index, scores in again.items()},
             "same_order": stable}

@@ -291,3 +291,23 @@ def test_a_resume_inside_an_epoch_marks_that_rows_partial_steps(tiny_data, tmp_p
     assert history[0]["steps"] == 6 and 1 <= history[1]["steps"] <= 6
     stopped_at = int(stderr.strip().splitlines()[-1].split("step ")[1].split(":")[0])
     assert history[1]["steps"] == 12 - stopped_at or stopped_at == 12
+
+
+@pytest.mark.parametrize("flags, fragments", [
+    (["--weights=imagenet"], ["--model mnist has no pretrained weights"]),
+    (["--model=resnet50", "--weights=missing.h5"], ["missing.h5: no such file",
+                                                    "resnet50_weights"]),
+    (["--model=resnet50", "--img_width=16", "--img_height=16"], ["at least 32x32"]),
+    (["--model=resnet50", "--img_mode=grayscale"], ["needs rgb images"]),
+    (["--model=resnet50", "--img_width=32", "--img_height=32", "--weights=WEIGHTS"],
+     ["does not hold resnet50 weights", "--weights none"]),
+])
+def test_weights_and_image_sizes_that_do_not_suit_the_model(existing_run, tiny_data,
+                                                            tmp_path, flags, fragments):
+    not_weights = tmp_path / "notes.h5"
+    not_weights.write_text("not an HDF5 file")
+    before = snapshot(existing_run)
+    result = train_into(existing_run, f"{tiny_data}/train",
+                        *(flag.replace("WEIGHTS", str(not_weights)) for flag in flags))
+    assert_one_line_error(result, *fragments)
+    assert snapshot(existing_run) == before

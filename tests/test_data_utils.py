@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import cache
 import data_utils
 import file_utils
 from conftest import write_split
@@ -104,8 +105,8 @@ def test_images_of_the_requested_size_are_not_resampled(tmp_path):
     np.testing.assert_array_equal(data_utils.decode_image(path, (28, 28), 3), pixels)
 
 
-def _domains(split):
-    return [(data_utils.decoded_batches(files, (28, 28), 3), len(files))
+def _domains(split, mode="memory", disk_dir=None):
+    return [cache.DomainImages(files, (28, 28), 3, mode, disk_dir)
             for files in (split.source, split.target)]
 
 
@@ -140,6 +141,55 @@ def test_training_stream_resumed_after_k_steps_continues_the_same_batches(tiny_d
     assert not np.array_equal(other_seed[0]["labels"], full[0]["labels"])
 
 
+@pytest.mark.parametrize("mode", ["disk", "none"])
+def test_every_cache_mode_streams_the_memory_modes_batches(tiny_data, tmp_path, mode):
+    split = data_utils.scan_split(os.path.join(tiny_data, "train"))
+    in_memory = _domains(split)
+    streamed = _domains(split, mode, str(tmp_path / "cache"))
+    for skip in (0, 5):
+        expected = _take(data_utils.training_dataset(*in_memory, "source", 8, 3, skip), 8)
+        got = _take(data_utils.training_dataset(*streamed, "source", 8, 3, skip), 8)
+        for a, b in zip(expected, got):
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key])
+    written = os.listdir(tmp_path / "cache") if mode == "disk" else []
+    assert len(written) == (2 if mode == "disk" else 0)
+
+
+def test_augmented_stream_depends_on_the_seed_only_and_resumes_exactly(tiny_data):
+    split = data_utils.scan_split(os.path.join(tiny_data, "train"))
+    source, target = _domains(split)
+
+    def stream(seed, skip=0):
+        return _take(data_utils.training_dataset(source, target, "source", 8, seed, skip,
+                                                 augment=True), 6 - skip)
+
+    full, resumed = stream(3), stream(3, skip=2)
+    for a, b in zip(full[2:], resumed):
+        np.testing.assert_array_equal(a["source_images"], b["source_images"])
+    plain = _take(data_utils.training_dataset(source, target, "source", 8, 3), 1)
+    assert plain[0]["source_images"].shape == full[0]["source_images"].shape
+    assert full[0]["source_images"].dtype == np.uint8
+    assert not np.array_equal(plain[0]["source_images"], full[0]["source_images"])
+    np.testing.assert_array_equal(plain[0]["labels"], full[0]["labels"])
+
+
+def test_centre_crop_is_the_central_seven_eighths_resized_back():
+    images = np.zeros((2, 32, 32, 3), np.uint8)
+    images[:, 2:30, 2:30] = 200  # the central 28x28 of 32x32
+    cropped = data_utils.centre_crop(images).numpy()
+    assert cropped.shape == images.shape and cropped.dtype == np.uint8
+    assert (cropped == 200).all()
+
+
+@pytest.mark.parametrize("decoded, memory, chosen", [
+    (2**30, 8 * 2**30, "memory"), (3 * 2**30, 8 * 2**30, "none")])
+def test_auto_cache_keeps_in_memory_what_fits_in_a_quarter(decoded, memory, chosen):
+    mode, reason = cache.choose("auto", decoded, memory)
+    assert mode == chosen and "--cache auto" in reason
+    assert cache.choose("disk", decoded, memory)[0] == "disk"
+
+
 def test_every_image_appears_once_per_pass(tiny_data):
     split = data_utils.scan_split(os.path.join(tiny_data, "train"))
     source, target = _domains(split)
@@ -151,8 +201,9 @@ def test_every_image_appears_once_per_pass(tiny_data):
 def test_evaluation_stream_tags_domains_across_decode_batches(tiny_data, monkeypatch):
     monkeypatch.setattr(data_utils, "DECODE_BATCH", 5)  # 48 files a domain: 10 batches
     split = data_utils.scan_split(os.path.join(tiny_data, "train"))
-    (source, _), (target, _) = _domains(split)
-    batches = _take(data_utils.evaluation_dataset(source, target, 7), 100)
+    source, target = _domains(split)
+    batches = _take(data_utils.evaluation_dataset(source.batches(), target.batches(), 7),
+                    100)
     assert [len(b["labels"]) for b in batches] == [7] * 13 + [5]
     domains = np.concatenate([b["domains"] for b in batches])
     assert domains.tolist() == [0] * 48 + [1] * 48
@@ -186,7 +237,7 @@ def test_no_pipeline_runs_tf_data_autotuning(tiny_data):
     pipelines = [
         decoded,
         data_utils.image_batches(split.target, (28, 28), 3, 8),
-        data_utils.training_dataset((decoded, 48), (decoded, 48), "source", 8, seed=0),
+        data_utils.training_dataset(*_domains(split), "source", 8, seed=0),
         data_utils.evaluation_dataset(decoded, decoded, 8),
     ]
     for dataset in pipelines:

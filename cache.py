@@ -1,0 +1,140 @@
+"""Where a domain's decoded training images are kept, and the shuffled stream of each.
+
+- memory: decoded once and held in memory, shuffled as decoded images (the digits).
+- disk: decoded once into a NumPy file under the run folder; the stream shuffles
+  indices into it, so memory holds only the batches in flight.
+- none: nothing kept; the stream shuffles file names and decodes every pass.
+
+Every mode gives a stream whose order depends only on the seed, and which skips the
+first images of a resumed run without decoding them (except in memory mode, where
+they are already decoded).
+"""
+
+import hashlib
+import os
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+import data_utils
+from file_utils import save_atomically
+
+MODES = ("memory", "disk", "none")
+# Memory mode holds the decoded set about twice (the cache and the shuffle buffer).
+MEMORY_SHARE = 0.25
+
+
+def machine_memory():
+    """Bytes of physical memory, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def choose(requested, decoded_bytes, memory=None):
+    """The cache mode for `requested` (one of MODES or "auto") and why, as a sentence."""
+    if requested != "auto":
+        return requested, f"--cache {requested}"
+    memory = memory or machine_memory()
+    size = f"{decoded_bytes / 2**30:.2f} GiB decoded"
+    if memory is None or decoded_bytes <= MEMORY_SHARE * memory:
+        return "memory", f"--cache auto: {size}, kept in memory"
+    return "none", (f"--cache auto: {size}, more than a quarter of this machine's "
+                    f"{memory / 2**30:.1f} GiB: decoded again every epoch")
+
+
+class DomainImages:
+    """The training images of one domain and where their decoded pixels are kept.
+
+    Args:
+        files: a `data_utils.DomainFiles`.
+        image_size, channels: the decoded images' (height, width) and channels.
+        mode: one of MODES.
+        disk_dir: where `disk` mode writes its file (in the run folder).
+    """
+
+    def __init__(self, files, image_size, channels, mode="memory", disk_dir=None):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.files, self.image_size, self.channels = files, tuple(image_size), channels
+        self.mode, self.disk_dir = mode, disk_dir
+        self._decoded = None
+
+    def __len__(self):
+        return len(self.files)
+
+    def decoded_bytes(self):
+        return len(self.files) * int(np.prod(self.image_size)) * self.channels
+
+    def batches(self):
+        """(uint8 images, labels) batches in file order; in memory mode cached, so
+        the first pass decodes for every later one."""
+        if self.mode != "memory":
+            return data_utils.decoded_batches(self.files, self.image_size,
+                                              self.channels, cache=False)
+        if self._decoded is None:
+            self._decoded = data_utils.decoded_batches(self.files, self.image_size,
+                                                       self.channels)
+        return self._decoded
+
+    def shuffled(self, seed, labelled, skip):
+        """An endless stream of (number, uint8 image, label), reshuffled every pass,
+        from its `skip`-th image; `number` counts images from the stream's start, and
+        labels are -1 unless `labelled`."""
+        labels = self.files.labels if labelled else [-1] * len(self.files)
+        if self.mode == "memory":
+            stream = self.batches()
+            if not labelled:
+                stream = stream.map(lambda images, labels: (
+                    images, tf.fill(tf.shape(labels), -1)))
+            stream = stream.unbatch()
+        elif self.mode == "none":
+            stream = tf.data.Dataset.from_tensor_slices((self.files.paths, labels))
+        else:
+            stream = tf.data.Dataset.from_tensor_slices((tf.range(len(self)), labels))
+        stream = stream.shuffle(len(self), seed=seed, reshuffle_each_iteration=True)
+        stream = stream.repeat().enumerate().skip(skip)
+        if self.mode == "memory":
+            return stream.map(lambda number, item: (number, *item))
+        read = self._decoder() if self.mode == "none" else self._disk_reader()
+        return data_utils.without_autotune_thread(stream.map(
+            lambda number, item: (number, read(item[0]), item[1]),
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True))
+
+    def _decoder(self):
+        return lambda path: data_utils.decode_image(path, self.image_size, self.channels)
+
+    def _disk_reader(self):
+        pixels = np.load(self.disk_file(), mmap_mode="r")
+        shape = (*self.image_size, self.channels)
+
+        def read(index):
+            image = tf.numpy_function(lambda i: np.asarray(pixels[i]), [index], tf.uint8,
+                                      stateful=False)
+            return tf.ensure_shape(image, shape)
+        return read
+
+    def disk_file(self):
+        """The `.npy` file of the decoded images, written by one decoding pass if not
+        already there (a resumed run reuses it)."""
+        key = hashlib.sha256(repr((self.files.paths, self.image_size,
+                                   self.channels)).encode()).hexdigest()[:16]
+        path = os.path.join(self.disk_dir, f"{key}.npy")
+        if not os.path.isfile(path):
+            os.makedirs(self.disk_dir, exist_ok=True)
+            save_atomically(path, self._write_decoded)
+            logging.info("Decoded %d images into %s", len(self), path)
+        return path
+
+    def _write_decoded(self, path):
+        pixels = np.lib.format.open_memmap(
+            path, mode="w+", dtype=np.uint8,
+            shape=(len(self), *self.image_size, self.channels))
+        start = 0
+        for images, _ in self.batches().as_numpy_iterator():
+            pixels[start:start + len(images)] = images
+            start += len(images)
+        pixels.flush()
+        del pixels
