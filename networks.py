@@ -101,9 +101,9 @@ def normalised_input(input_shape, mean):
 
 def digit_features(input_shape, mean, convolutions, pool, precision, padding="valid",
                    initializer="glorot_uniform"):
-    """Conv (5x5, ReLU) layers of `convolutions` filters with `pool` (size, stride)
-    max-pooling after all but the last when there are three, after each when two;
-    flattened."""
+    """Normalised input, then a 5x5 ReLU convolution per entry of `convolutions`
+    (its filters), the first two each followed by max-pooling of `pool` (size,
+    stride); flattened."""
     layers = normalised_input(input_shape, mean)
     for index, filters in enumerate(convolutions):
         layers.append(keras.layers.Conv2D(filters, 5, activation="relu", padding=padding,
