@@ -125,6 +125,11 @@ def _difference(expected, found):
     return "; ".join(parts) or "different order"
 
 
+def to_pixels(values):
+    """Float pixel values (a resize's output) rounded and clipped to uint8."""
+    return tf.cast(tf.clip_by_value(tf.round(values), 0, 255), tf.uint8)
+
+
 def decode_image(path, image_size, channels):
     """Reads one image file as uint8 (height, width, channels) of `image_size`.
 
@@ -136,8 +141,7 @@ def decode_image(path, image_size, channels):
                                expand_animations=False)
 
     def resized():
-        pixels = tf.image.resize(image, image_size)
-        return tf.cast(tf.clip_by_value(tf.round(pixels), 0, 255), tf.uint8)
+        return to_pixels(tf.image.resize(image, image_size))
 
     same_size = tf.reduce_all(tf.equal(tf.shape(image)[:2], image_size))
     image = tf.cond(same_size, lambda: image, resized)
@@ -268,16 +272,14 @@ def random_resized_crop(image, seed):
         aspect_ratio_range=(0.75, 4 / 3), area_range=(0.08, 1.0), max_attempts=10,
         use_image_if_no_bounding_boxes=True)
     crop = tf.image.resize(tf.slice(image, begin, crop_size), size)
-    crop = tf.image.stateless_random_flip_left_right(crop, seed + 1)
-    return tf.cast(tf.clip_by_value(tf.round(crop), 0, 255), tf.uint8)
+    return to_pixels(tf.image.stateless_random_flip_left_right(crop, seed + 1))
 
 
 def centre_crop(images):
     """The central 87.5% of a batch of uint8 images, resized back to their size (as
     resizing to 256 and cropping 224)."""
     size = tf.shape(images)[1:3]
-    crop = tf.image.resize(tf.image.central_crop(images, 0.875), size)
-    return tf.cast(tf.clip_by_value(tf.round(crop), 0, 255), tf.uint8)
+    return to_pixels(tf.image.resize(tf.image.central_crop(images, 0.875), size))
 
 
 def training_dataset(source, target, labelled_domain, batch_size, seed,
@@ -294,14 +296,12 @@ def training_dataset(source, target, labelled_domain, batch_size, seed,
     streams = []
     for index, domain in enumerate((source, target)):
         stream = domain.shuffled(seed * 2 + index, DOMAINS[index] == labelled_domain,
-                                 skip_steps * batch_size)
+                                 skip_steps * batch_size, numbered=augment)
         if augment:
             stream = stream.map(
                 lambda number, image, label, index=index: (random_resized_crop(
                     image, tf.stack([tf.cast(seed * 2 + index, tf.int64), number])),
                     label), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        else:
-            stream = stream.map(lambda number, image, label: (image, label))
         streams.append(stream.batch(batch_size, drop_remainder=True))
 
     def to_batch(source_batch, target_batch):

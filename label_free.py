@@ -17,7 +17,6 @@ from sklearn import linear_model, preprocessing
 import cache
 import data_utils
 import models
-import networks
 
 SND_TEMPERATURE = 0.05  # Saito et al. (2021)'s default
 DEV_REGULARISATION = 1.0  # C of the logistic-regression domain classifier (sklearn's)
@@ -99,10 +98,7 @@ def reverse_validation(model, source, target, pseudo_labels, recipe):
         data_utils.DomainFiles(target.paths, list(pseudo_labels)), shape[:2], shape[2])
     reverse_target = cache.DomainImages(source, shape[:2], shape[2])
     steps = data_utils.steps_per_epoch(len(target), len(source), recipe["batch_size"])
-    mean = [0.0] * shape[2]
-    if networks.uses_channel_mean(model.network):
-        mean = models.channel_mean(images for domain in (reverse_source, reverse_target)
-                                   for images, _ in domain.batches())
+    mean = models.input_mean(model.network, (reverse_source, reverse_target))
     reverse = models.build_dann(
         shape, model.num_classes, mean, "dann", steps * recipe["num_epochs"],
         recipe["lr"], recipe["momentum"], recipe["lr_alpha"], recipe["lr_beta"],

@@ -280,6 +280,15 @@ def build_dann(input_shape, num_classes, mean, mode, total_steps, lr=0.01,
     return model
 
 
+def input_mean(network, domains):
+    """The per-channel mean `network` normalises its input by: for the digit networks
+    that of the training images of `domains` (`cache.DomainImages`), one decoding pass;
+    for a backbone, which brings its own preprocessing, zeros and no pass."""
+    if not networks.uses_channel_mean(network):
+        return [0.0] * domains[0].channels
+    return channel_mean(images for domain in domains for images, _ in domain.batches())
+
+
 def channel_mean(batches):
     """Per-channel mean of uint8/float pixel batches (arrays, tensors), scaled to [0, 1].
 

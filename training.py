@@ -107,14 +107,15 @@ def load_split(split_dir, config, class_names=None, mode=None):
     shape = image_shape(config)
     split, _ = data_utils.scan_and_log(split_dir, class_names, config.skip_bad_images,
                                        shape[2])
-    domains = [cache.DomainImages(getattr(split, domain), shape[:2], shape[2])
-               for domain in data_utils.DOMAINS]
     if mode is None:
-        mode, reason = cache.choose(config.cache, sum(d.decoded_bytes() for d in domains))
+        size = cache.decoded_bytes(len(split.source) + len(split.target), shape[:2],
+                                   shape[2])
+        mode, reason = cache.choose(config.cache, size)
         logging.info("%s: decoded images kept in %s (%s)", split_dir, mode, reason)
     disk_dir = os.path.join(config.model_dir, run_folder.DECODED_CACHE_DIR)
-    return (split, *(cache.DomainImages(d.files, shape[:2], shape[2], mode, disk_dir)
-                     for d in domains))
+    return (split, *(cache.DomainImages(getattr(split, domain), shape[:2], shape[2],
+                                        mode, disk_dir)
+                     for domain in data_utils.DOMAINS))
 
 
 def load_data(config):
@@ -135,13 +136,9 @@ def load_data(config):
 def new_model(config, data, total_steps):
     """A compiled DANN; a digit network's input normalisation is the training images'
     channel mean."""
-    shape = image_shape(config)
-    mean = [0.0] * shape[2]
-    if networks.uses_channel_mean(config.model):
-        mean = models.channel_mean(images for domain in (data.source, data.target)
-                                   for images, _ in domain.batches())
     return models.build_dann(
-        shape, len(data.train.class_names), mean, config.mode,
+        image_shape(config), len(data.train.class_names),
+        models.input_mean(config.model, (data.source, data.target)), config.mode,
         total_steps, config.lr, config.momentum, config.lr_alpha, config.lr_beta,
         config.gamma, data.train.class_names, precision=config.precision,
         network=config.model, weights=config.weights, fixed_lambda=config.fixed_lambda,
@@ -362,7 +359,8 @@ def fit(model, config, data, steps, run_started, verbose, strategy, writes=True)
                                             verbose)
             else:
                 model.fit(distribute.for_keras_fit(batches, strategy), epochs=epochs,
-                          steps_per_epoch=epoch_steps, initial_epoch=epoch, validation_data=data.validation,
+                          steps_per_epoch=epoch_steps, initial_epoch=epoch,
+                          validation_data=data.validation,
                           validation_steps=data.validation_steps, callbacks=callbacks,
                           verbose=verbose, shuffle=False)
     return history

@@ -100,10 +100,9 @@ def measure_training(data_dir, steps, in_memory):
         files = [data_utils.DomainFiles(f.paths[::k][:IN_MEMORY_PER_DOMAIN],
                                         f.labels[::k][:IN_MEMORY_PER_DOMAIN])
                  for f, k in zip(files, every)]
-    domains = [cache.DomainImages(f, (SIZE, SIZE), 3) for f in files]
-    mode, reason = cache.choose("memory" if in_memory else "auto",
-                                sum(d.decoded_bytes() for d in domains))
-    domains = [cache.DomainImages(d.files, (SIZE, SIZE), 3, mode) for d in domains]
+    mode, reason = cache.choose("memory" if in_memory else "auto", cache.decoded_bytes(
+        sum(len(f) for f in files), (SIZE, SIZE), 3))
+    domains = [cache.DomainImages(f, (SIZE, SIZE), 3, mode) for f in files]
     for domain in domains if mode == "memory" else ():
         for _ in domain.batches():  # fill the cache before timing
             pass

@@ -175,8 +175,8 @@ def test_a_bfloat16_run_trains_evaluates_and_resumes_only_in_bfloat16(tiny_data,
     code, _, err = finished(train([*args[:2], "--num_epochs=1", "--batch_size=8",
                                    "--restore_model"]))
     assert code == 2
-    assert "in mixed_bfloat16, but these flags ask for a mnist dann run of 6 steps in float32" \
-        in err.strip().splitlines()[-1]
+    assert ("in mixed_bfloat16, but these flags ask for a mnist dann run of 6 steps in "
+            "float32") in err.strip().splitlines()[-1]
 
 
 def test_workers_stopped_by_a_signal_resume_to_the_one_process_weights(
