@@ -62,6 +62,8 @@ class HistoryWriter(keras.callbacks.Callback):
     def __init__(self, model_dir, rows, run_started):
         super().__init__()
         self.model_dir, self.rows, self.run_started = model_dir, rows, run_started
+        # A resumed run's clock goes on from the time its kept epochs had taken.
+        self.earlier_seconds = rows[-1]["run_seconds"] if rows else 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
         self.started = time.perf_counter()
@@ -73,8 +75,8 @@ class HistoryWriter(keras.callbacks.Callback):
         row["steps"] = int(self.model.optimizer.iterations.numpy()) - self.first_step
         now = time.perf_counter()
         row["epoch_seconds"] = now - self.started
-        # From the start of this process's run: loading, decoding and tracing included.
-        row["run_seconds"] = now - self.run_started
+        # Loading, decoding and tracing included.
+        row["run_seconds"] = self.earlier_seconds + now - self.run_started
         self.rows.append(row)
         run_folder.write_history(self.model_dir, self.rows)
 

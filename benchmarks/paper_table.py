@@ -89,25 +89,50 @@ def run_commands(model_dir, commands, threads=None, append=False):
                 raise RuntimeError(f"{' '.join(command)} failed: see {log_path}")
 
 
+def resumable(model_dir, train_args):
+    """Whether `model_dir` holds an interrupted run that train.py started with
+    `train_args` (`--name=value` each): it has a checkpoint, and its flags.txt records
+    the same values."""
+    flags_path = os.path.join(model_dir, run_folder.FLAGS_FILE)
+    if run_folder.latest_checkpoint(model_dir) is None or not os.path.exists(flags_path):
+        return False
+    with open(flags_path) as handle:
+        run_flags = handle.read().split()
+    for arg in train_args:
+        name, wanted = arg[2:].split("=", 1)
+        kept = recorded_flag(run_flags, name, None)
+        if name.endswith("_dir") and kept is not None:
+            kept, wanted = os.path.abspath(kept), os.path.abspath(wanted)
+        if kept != wanted:
+            return False
+    return True
+
+
 def run_job(data_dir, run_dir, mode, seed, num_epochs, threads, reuse_finished=False,
             precision="float32", model="mnist"):
     """Trains one mode and seed with train.py, evaluates it, returns eval_report.json.
 
-    Says when the run starts and ends, with its result; the commands' output goes to
-    <run folder>.log.
+    With `reuse_finished`, a finished run is kept and an interrupted one continues
+    from its latest checkpoint. Says when the run starts and ends, with its result; the
+    commands' output goes to <run folder>.log.
     """
     model_dir = mode_seed_folder(run_dir, mode, seed)
     report = finished_report(model_dir, num_epochs, f"{data_dir}/test", precision,
                              model) if reuse_finished else None
     if report is None:
-        print(f"{mode} seed {seed}: training into {model_dir} (with --overwrite: the "
-              f"table owns its run folders); log {model_dir}.log", flush=True)
+        train_args = [f"--train_dir={data_dir}/train", f"--model_dir={model_dir}",
+                      f"--mode={mode}", f"--num_epochs={num_epochs}", f"--seed={seed}",
+                      f"--precision={precision}", f"--model={model}"]
+        resume = reuse_finished and resumable(model_dir, train_args)
+        print(f"{mode} seed {seed}: " + (
+            f"resuming {model_dir} from its latest checkpoint; log {model_dir}.log "
+            "(appended)" if resume else
+            f"training into {model_dir} (with --overwrite: the table owns its run "
+            f"folders); log {model_dir}.log"), flush=True)
         run_commands(model_dir, [
-            ["train.py", f"--train_dir={data_dir}/train", f"--model_dir={model_dir}",
-             f"--mode={mode}", f"--num_epochs={num_epochs}", f"--seed={seed}",
-             f"--precision={precision}", f"--model={model}", "--overwrite"],
+            ["train.py", *train_args, "--restore_model" if resume else "--overwrite"],
             ["eval.py", f"--model_dir={model_dir}", f"--test_dir={data_dir}/test"]],
-            threads=threads)
+            threads=threads, append=resume)
         with open(os.path.join(model_dir, run_folder.REPORT_FILE)) as handle:
             report = json.load(handle)
     print(f"{mode} seed {seed}: target accuracy {report['target_accuracy']:.4f} "
@@ -234,8 +259,10 @@ if __name__ == "__main__":
     flags.DEFINE_integer("parallel", 2, "Runs side by side.")
     flags.DEFINE_integer("threads_per_run", 1, "TensorFlow threads of each run.")
     flags.DEFINE_boolean("reuse_finished", False, "Keep runs in --runs_dir that trained "
-                         "all epochs and were evaluated on this test split (to resume an "
-                         "interrupted table) instead of training them again.")
+                         "all epochs and were evaluated on this test split, and continue "
+                         "interrupted runs of the same flags from their latest "
+                         "checkpoint, instead of training them again (to resume an "
+                         "interrupted table).")
     flags.DEFINE_string("output_prefix", os.path.join(REPO, "benchmarks", "paper_table"),
                         "Writes PREFIX.json and PREFIX.md.")
     FLAGS = flags.FLAGS

@@ -145,12 +145,43 @@ def test_paper_table_writes_the_documented_shape(tiny_data, tmp_path):
     assert model.stat().st_mtime_ns == trained_at
     assert json.load(open(prefix + "-again.json"))["modes"] == table["modes"]
 
+    # Killed after its last checkpoint, before the final save and the evaluation.
+    log = tmp_path / "runs" / "dann-seed1.log"
+    first_log = log.read_text()
+    os.remove(model)
+    os.remove(tmp_path / "runs" / "dann-seed1" / "eval_report.json")
+    result = paper_table(f"{prefix}-resumed", "--reuse_finished")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "dann seed 1: resuming" in result.stdout and "training into" not in \
+        result.stdout
+    assert log.read_text().startswith(first_log) and "Resuming from" in log.read_text()
+    assert json.load(open(prefix + "-resumed.json"))["modes"]["dann"] == \
+        table["modes"]["dann"]
+
 
 def test_gap_closed():
     sys.path.insert(0, os.path.join(REPO, "benchmarks"))
     import paper_table
 
     assert paper_table.gap_closed(0.5, 0.8, 0.9) == pytest.approx(0.75)
+
+
+def test_paper_table_resumes_only_a_run_of_the_same_flags(tmp_path, monkeypatch):
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import paper_table
+    import run_folder
+
+    run = tmp_path / "dann-seed0"
+    args = ["--train_dir=data/train", "--model=svhn", "--seed=0"]
+    os.makedirs(run / run_folder.CHECKPOINT_DIR)
+    (run / run_folder.FLAGS_FILE).write_text(
+        f"--model=svhn\n--seed=0\n--train_dir={tmp_path}/data/train\n")
+    assert not paper_table.resumable(str(run), args)  # no checkpoint yet
+    open(run_folder.checkpoint_path(str(run), 938), "w").close()
+    monkeypatch.chdir(tmp_path)
+    assert paper_table.resumable(str(run), args)
+    assert not paper_table.resumable(str(run), args[:1] + ["--model=mnist"])
+    assert not paper_table.resumable(str(run), args + ["--precision=float32"])
 
 
 def test_evaluation_predicts_what_the_model_computes_image_by_image(trained_run,

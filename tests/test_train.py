@@ -88,6 +88,9 @@ def test_resuming_after_epoch_one_gives_the_uninterrupted_weights(tiny_data, tmp
     history = run(_config(tiny_data, interrupted, restore_model=True,
                                 steps_per_execution=steps_per_execution))
     assert [row["epoch"] for row in history] == [1, 2]
+    # The clock goes on from the kept epoch's time.
+    first, second = history
+    assert second["run_seconds"] >= first["run_seconds"] + second["epoch_seconds"]
     model = keras.saving.load_model(interrupted / "model.keras")
     assert int(model.optimizer.iterations.numpy()) == 2 * steps
     for a, b in zip(_weights(tmp_path / "full"), _weights(interrupted)):
