@@ -5,6 +5,7 @@ import functools
 import math
 import os
 import signal
+import tempfile
 import time
 
 import keras
@@ -103,9 +104,10 @@ class TrainingData:
         return [self.train] + ([self.val] if self.val else [])
 
 
-def load_split(split_dir, config, class_names=None, mode=None):
+def load_split(split_dir, config, disk_dir, class_names=None, mode=None):
     """Scans a split; returns (SplitFiles, source and target `cache.DomainImages`),
-    kept as `mode` says, or as --cache chooses for the training split."""
+    kept as `mode` says, or as --cache chooses for the training split (`disk` in
+    `disk_dir`)."""
     shape = image_shape(config)
     split, _ = data_utils.scan_and_log(split_dir, class_names, config.skip_bad_images,
                                        shape[2])
@@ -114,24 +116,22 @@ def load_split(split_dir, config, class_names=None, mode=None):
                                    shape[2])
         mode, reason = cache.choose(config.cache, size)
         logging.info("%s: decoded images kept in %s (%s)", split_dir, mode, reason)
-    disk_dir = os.path.join(config.model_dir, run_folder.DECODED_CACHE_DIR)
     return (split, *(cache.DomainImages(getattr(split, domain), shape[:2], shape[2],
                                         mode, disk_dir)
                      for domain in data_utils.DOMAINS))
 
 
-def load_data(config):
+def load_data(config, disk_dir):
     """The training split and, with --val_dir, the validation stream."""
-    data = TrainingData(*load_split(config.train_dir, config))
+    data = TrainingData(*load_split(config.train_dir, config, disk_dir))
     if config.val_dir:
         mode = "memory" if data.source.mode == "memory" else "none"
-        data.val, source, target = load_split(config.val_dir, config,
+        data.val, source, target = load_split(config.val_dir, config, disk_dir,
                                               data.train.class_names, mode)
         batch_size = config.batch_size * 4
         data.validation = data_utils.evaluation_dataset(
             source.batches(), target.batches(), batch_size, crop=config.augment)
-        data.validation_steps = -(-(len(data.val.source) + len(data.val.target))
-                                  // batch_size)
+        data.validation_steps = math.ceil((len(source) + len(target)) / batch_size)
     return data
 
 
@@ -279,7 +279,8 @@ def train_as_chief(config, verbose, flags_file_text, strategy, run_started):
         run_folder.refuse_an_old_run(config.model_dir, config.restore_model,
                                      config.overwrite)
         keras.utils.set_random_seed(config.seed)
-        data = load_data(config)
+        data = load_data(config, os.path.join(config.model_dir,
+                                              run_folder.DECODED_CACHE_DIR))
         try:
             with data_utils.naming_unreadable(data.splits, image_shape(config)[2]):
                 with strategy.scope():
@@ -298,16 +299,18 @@ def train_as_chief(config, verbose, flags_file_text, strategy, run_started):
 
 
 def train_as_worker(config, strategy, run_started):
-    """A multi-worker run on a worker other than the chief: every step, nothing written.
+    """A multi-worker run on a worker other than the chief: every step, nothing written
+    in the run folder (--cache disk decodes into a temporary folder of this machine).
 
     A resumed run reads the chief's checkpoint: --model_dir must be the same folder
     (a shared file system) or a copy of it.
     """
     keras.utils.set_random_seed(config.seed)
-    data = load_data(config)
-    with strategy.scope():
-        model, steps = build_or_restore(config, data)
-    return fit(model, config, data, steps, run_started, 0, strategy, writes=False)
+    with tempfile.TemporaryDirectory(prefix="dann-decoded-") as disk_dir:
+        data = load_data(config, disk_dir)
+        with strategy.scope():
+            model, steps = build_or_restore(config, data)
+        return fit(model, config, data, steps, run_started, 0, strategy, writes=False)
 
 
 def build_or_restore(config, data):

@@ -100,10 +100,12 @@ def start_workers(args, count=2):
         for index in range(count)]
 
 
-def test_two_workers_give_the_one_process_weights(one_device_run, tiny_data, tmp_path):
+@pytest.mark.parametrize("cache", ["auto", "disk"])
+def test_two_workers_give_the_one_process_weights(one_device_run, tiny_data, tmp_path,
+                                                  cache):
     model_dir = str(tmp_path / "workers")
     processes = start_workers([f"--train_dir={tiny_data}/train",
-                               f"--model_dir={model_dir}", *COMMON])
+                               f"--model_dir={model_dir}", f"--cache={cache}", *COMMON])
     for process in processes:
         code, out, err = finished(process)
         assert code == 0, err[-3000:]
@@ -113,6 +115,8 @@ def test_two_workers_give_the_one_process_weights(one_device_run, tiny_data, tmp
     history = json.load(open(os.path.join(model_dir, "history.json")))
     assert [row["epoch"] for row in history] == [1, 2]  # written once, by the chief
     assert "--distribute" not in open(os.path.join(model_dir, "flags.txt")).read()
+    if cache == "disk":  # the chief's files only: one per domain, none half-written
+        assert len(os.listdir(os.path.join(model_dir, "decoded_cache"))) == 2
 
 
 def test_a_worker_that_dies_stops_the_other_with_one_clear_line(tiny_data, tmp_path):
