@@ -183,9 +183,12 @@ def gap_closed(source_only, dann, target_only):
 def markdown(table):
     ours = {mode: row["mean"] for mode, row in table["modes"].items()}
     precision = table.get("precision", "float32")
+    one_seed = len(table["seeds"]) == 1
+    over = f"seed {table['seeds'][0]} only" if one_seed else \
+        f"mean +- std over {len(table['seeds'])} seeds"
     lines = [
-        f"MNIST -> MNIST-M target test accuracy, mean +- std over {len(table['seeds'])} "
-        f"seeds ({table.get('model', 'mnist')} network, {table['num_epochs']} epochs, "
+        f"MNIST -> MNIST-M target test accuracy, {over} "
+        f"({table.get('model', 'mnist')} network, {table['num_epochs']} epochs, "
         f"{precision}; target: "
         f"{table['data'].get('target', table['data']['path'])}).",
         "",
@@ -194,7 +197,8 @@ def markdown(table):
     ]
     for mode in (mode for mode in ORDER if mode in ours):
         row = table["modes"][mode]
-        lines.append(f"| {mode} | {row['mean']:.4f} +- {row['std']:.4f} | "
+        spread = "" if one_seed else f" +- {row['std']:.4f}"
+        lines.append(f"| {mode} | {row['mean']:.4f}{spread} | "
                      f"{PAPER['JMLR 2016'][mode]:.4f} | {PAPER['ICML 2015'][mode]:.4f} |")
     if set(ours) == set(ORDER):
         shares = [gap_closed(*(source[mode] for mode in ORDER))

@@ -166,6 +166,21 @@ def test_gap_closed():
     assert paper_table.gap_closed(0.5, 0.8, 0.9) == pytest.approx(0.75)
 
 
+def test_a_one_seed_table_says_so_and_shows_no_spread():
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import paper_table
+
+    row = {"mean": 0.9676, "std": 0.0, "training_seconds_per_seed": [6444.2]}
+    table = {"modes": {"dann": row}, "seeds": [0], "model": "svhn", "num_epochs": 40,
+             "data": {"path": "data"}, "machine": {"cpu": "cpu", "cores": 2},
+             "parallel": 1, "wall_seconds": 3.0}
+    text = paper_table.markdown(table)
+    assert "seed 0 only (svhn network, 40 epochs" in text and "+-" not in text
+    assert "| dann | 0.9676 | 0.7666 | 0.8149 |" in text
+    table["seeds"] = [0, 1]
+    assert "mean +- std over 2 seeds" in paper_table.markdown(table)
+
+
 def test_paper_table_resumes_only_a_run_of_the_same_flags(tmp_path, monkeypatch):
     sys.path.insert(0, os.path.join(REPO, "benchmarks"))
     import paper_table
