@@ -1,4 +1,5 @@
-"""Where a domain's decoded training images are kept, and the shuffled stream of each.
+"""Where a domain's decoded training images are kept, and the shuffled stream of each;
+`load_data` gives a training run its data this way.
 
 - memory: decoded once and held in memory, shuffled as decoded images (the digits).
 - disk: decoded once into a NumPy file under the run folder; the stream shuffles
@@ -10,7 +11,9 @@ first images of a resumed run without decoding them (except in memory mode, wher
 they are already decoded).
 """
 
+import dataclasses
 import hashlib
+import math
 import os
 
 import numpy as np
@@ -152,3 +155,49 @@ class DomainImages:
             start += len(images)
         pixels.flush()
         del pixels
+
+
+@dataclasses.dataclass
+class TrainingData:
+    """The scanned training split, its two `DomainImages` and the optional
+    validation stream."""
+    train: data_utils.SplitFiles
+    source: DomainImages
+    target: DomainImages
+    validation: object = None
+    validation_steps: int = None
+    val: data_utils.SplitFiles = None
+
+    @property
+    def splits(self):
+        """The scanned splits the run reads: training, and validation if any."""
+        return [self.train] + ([self.val] if self.val else [])
+
+
+def load_split(split_dir, config, shape, disk_dir, class_names=None, mode=None):
+    """Scans a split of `shape` (height, width, channels) images; returns (SplitFiles,
+    source and target `DomainImages`), kept as `mode` says, or as --cache chooses for
+    the training split (`disk` in `disk_dir`)."""
+    split, _ = data_utils.scan_and_log(split_dir, class_names, config.skip_bad_images,
+                                       shape[2])
+    if mode is None:
+        size = decoded_bytes(len(split.source) + len(split.target), shape[:2], shape[2])
+        mode, reason = choose(config.cache, size)
+        logging.info("%s: decoded images kept in %s (%s)", split_dir, mode, reason)
+    return (split, *(DomainImages(getattr(split, domain), shape[:2], shape[2], mode,
+                                  disk_dir) for domain in data_utils.DOMAINS))
+
+
+def load_data(config, shape, disk_dir):
+    """The training data of a `TrainConfig`: its training split and, with --val_dir,
+    the validation stream, of `shape` images (`disk` cache in `disk_dir`)."""
+    data = TrainingData(*load_split(config.train_dir, config, shape, disk_dir))
+    if config.val_dir:
+        mode = "memory" if data.source.mode == "memory" else "none"
+        data.val, source, target = load_split(config.val_dir, config, shape, disk_dir,
+                                              data.train.class_names, mode)
+        batch_size = config.batch_size * 4
+        data.validation = data_utils.evaluation_dataset(
+            source.batches(), target.batches(), batch_size, crop=config.augment)
+        data.validation_steps = math.ceil((len(source) + len(target)) / batch_size)
+    return data

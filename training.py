@@ -1,6 +1,5 @@
 """One training run, as train.py asks for it: data in, a complete run folder out."""
 
-import dataclasses
 import functools
 import math
 import os
@@ -85,54 +84,6 @@ class HistoryWriter(keras.callbacks.Callback):
         if self.rows:
             plots.training_curves(self.rows,
                                   os.path.join(self.model_dir, run_folder.CURVES_PNG))
-
-
-@dataclasses.dataclass
-class TrainingData:
-    """The scanned training split, its two `cache.DomainImages` and the optional
-    validation stream."""
-    train: data_utils.SplitFiles
-    source: cache.DomainImages
-    target: cache.DomainImages
-    validation: object = None
-    validation_steps: int = None
-    val: data_utils.SplitFiles = None
-
-    @property
-    def splits(self):
-        """The scanned splits the run reads: training, and validation if any."""
-        return [self.train] + ([self.val] if self.val else [])
-
-
-def load_split(split_dir, config, disk_dir, class_names=None, mode=None):
-    """Scans a split; returns (SplitFiles, source and target `cache.DomainImages`),
-    kept as `mode` says, or as --cache chooses for the training split (`disk` in
-    `disk_dir`)."""
-    shape = image_shape(config)
-    split, _ = data_utils.scan_and_log(split_dir, class_names, config.skip_bad_images,
-                                       shape[2])
-    if mode is None:
-        size = cache.decoded_bytes(len(split.source) + len(split.target), shape[:2],
-                                   shape[2])
-        mode, reason = cache.choose(config.cache, size)
-        logging.info("%s: decoded images kept in %s (%s)", split_dir, mode, reason)
-    return (split, *(cache.DomainImages(getattr(split, domain), shape[:2], shape[2],
-                                        mode, disk_dir)
-                     for domain in data_utils.DOMAINS))
-
-
-def load_data(config, disk_dir):
-    """The training split and, with --val_dir, the validation stream."""
-    data = TrainingData(*load_split(config.train_dir, config, disk_dir))
-    if config.val_dir:
-        mode = "memory" if data.source.mode == "memory" else "none"
-        data.val, source, target = load_split(config.val_dir, config, disk_dir,
-                                              data.train.class_names, mode)
-        batch_size = config.batch_size * 4
-        data.validation = data_utils.evaluation_dataset(
-            source.batches(), target.batches(), batch_size, crop=config.augment)
-        data.validation_steps = math.ceil((len(source) + len(target)) / batch_size)
-    return data
 
 
 def new_model(config, data, total_steps):
@@ -279,8 +230,8 @@ def train_as_chief(config, verbose, flags_file_text, strategy, run_started):
         run_folder.refuse_an_old_run(config.model_dir, config.restore_model,
                                      config.overwrite)
         keras.utils.set_random_seed(config.seed)
-        data = load_data(config, os.path.join(config.model_dir,
-                                              run_folder.DECODED_CACHE_DIR))
+        disk_dir = os.path.join(config.model_dir, run_folder.DECODED_CACHE_DIR)
+        data = cache.load_data(config, image_shape(config), disk_dir)
         try:
             with data_utils.naming_unreadable(data.splits, image_shape(config)[2]):
                 with strategy.scope():
@@ -307,7 +258,7 @@ def train_as_worker(config, strategy, run_started):
     """
     keras.utils.set_random_seed(config.seed)
     with tempfile.TemporaryDirectory(prefix="dann-decoded-") as disk_dir:
-        data = load_data(config, disk_dir)
+        data = cache.load_data(config, image_shape(config), disk_dir)
         with strategy.scope():
             model, steps = build_or_restore(config, data)
         return fit(model, config, data, steps, run_started, 0, strategy, writes=False)
