@@ -231,9 +231,10 @@ def train_as_chief(config, verbose, flags_file_text, strategy, run_started):
                                      config.overwrite)
         keras.utils.set_random_seed(config.seed)
         disk_dir = os.path.join(config.model_dir, run_folder.DECODED_CACHE_DIR)
-        data = cache.load_data(config, image_shape(config), disk_dir)
+        shape = image_shape(config)
+        data = cache.load_data(config, shape, disk_dir)
         try:
-            with data_utils.naming_unreadable(data.splits, image_shape(config)[2]):
+            with data_utils.naming_unreadable(data.splits, shape[2]):
                 with strategy.scope():
                     model, steps = build_or_restore(config, data)
                 # The data and the model are sound: only now is an old run replaced.
