@@ -13,7 +13,6 @@ they are already decoded).
 
 import dataclasses
 import hashlib
-import math
 import os
 
 import numpy as np
@@ -21,9 +20,11 @@ import tensorflow as tf
 from absl import logging
 
 import data_utils
-from file_utils import save_atomically
+from file_utils import UserError, save_atomically
 
 MODES = ("memory", "disk", "none")
+KEPT = {"memory": "kept in memory", "disk": "kept in a file in the run folder",
+        "none": "decoded again every epoch"}
 # Memory mode holds the decoded set about twice (the cache and the shuffle buffer).
 MEMORY_SHARE = 0.25
 
@@ -48,9 +49,9 @@ def choose(requested, decoded_bytes, memory=None):
     memory = memory or machine_memory()
     size = f"{decoded_bytes / 2**30:.2f} GiB decoded"
     if memory is None or decoded_bytes <= MEMORY_SHARE * memory:
-        return "memory", f"--cache auto: {size}, kept in memory"
+        return "memory", f"--cache auto: {size}, within a quarter of this machine's memory"
     return "none", (f"--cache auto: {size}, more than a quarter of this machine's "
-                    f"{memory / 2**30:.1f} GiB: decoded again every epoch")
+                    f"{memory / 2**30:.1f} GiB")
 
 
 class DomainImages:
@@ -159,14 +160,14 @@ class DomainImages:
 
 @dataclasses.dataclass
 class TrainingData:
-    """The scanned training split, its two `DomainImages` and the optional
-    validation stream."""
+    """The scanned training split, its two `DomainImages`, the optional validation
+    split, and the (source, target) `DomainImages` the per-epoch monitor predicts:
+    the validation split's, else a fixed sample of the training split's."""
     train: data_utils.SplitFiles
     source: DomainImages
     target: DomainImages
-    validation: object = None
-    validation_steps: int = None
     val: data_utils.SplitFiles = None
+    monitored: tuple = ()
 
     @property
     def splits(self):
@@ -183,21 +184,33 @@ def load_split(split_dir, config, shape, disk_dir, class_names=None, mode=None):
     if mode is None:
         size = decoded_bytes(len(split.source) + len(split.target), shape[:2], shape[2])
         mode, reason = choose(config.cache, size)
-        logging.info("%s: decoded images kept in %s (%s)", split_dir, mode, reason)
+        logging.info("%s: decoded images %s (%s)", split_dir, KEPT[mode], reason)
     return (split, *(DomainImages(getattr(split, domain), shape[:2], shape[2], mode,
                                   disk_dir) for domain in data_utils.DOMAINS))
 
 
-def load_data(config, shape, disk_dir):
-    """The training data of a `TrainConfig`: its training split and, with --val_dir,
-    the validation stream, of `shape` images (`disk` cache in `disk_dir`)."""
+def load_data(config, shape, disk_dir, monitor_images):
+    """The training data of a `TrainConfig`, of `shape` images (`disk` cache in
+    `disk_dir`): its training split, and the images the monitor predicts, those of
+    --val_dir or `monitor_images` of each training domain.
+
+    Raises:
+        UserError: as `data_utils.scan_split`, or --mode target_only with a target
+            that has no labels.
+    """
     data = TrainingData(*load_split(config.train_dir, config, shape, disk_dir))
+    if config.mode == "target_only" and not data.train.target.labelled:
+        raise UserError(
+            f"--mode target_only trains on target labels, but {config.train_dir}/target "
+            "has none (no class folders): use --mode dann or source_only, or put the "
+            "target images in target/<class_name>/")
+    # Decoded once into memory where the training images are, else every epoch.
+    mode = "memory" if data.source.mode == "memory" else "none"
     if config.val_dir:
-        mode = "memory" if data.source.mode == "memory" else "none"
-        data.val, source, target = load_split(config.val_dir, config, shape, disk_dir,
-                                              data.train.class_names, mode)
-        batch_size = config.batch_size * 4
-        data.validation = data_utils.evaluation_dataset(
-            source.batches(), target.batches(), batch_size, crop=config.augment)
-        data.validation_steps = math.ceil((len(source) + len(target)) / batch_size)
+        data.val, *data.monitored = load_split(config.val_dir, config, shape, disk_dir,
+                                               data.train.class_names, mode)
+    else:
+        data.monitored = [DomainImages(data_utils.sample_files(files, monitor_images),
+                                       shape[:2], shape[2], mode)
+                          for files in (data.train.source, data.train.target)]
     return data

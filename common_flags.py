@@ -30,7 +30,8 @@ RULES = {  # name: (test, what the error message says the value must be)
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
-    """One flag: its type is its default's (str where the default is None)."""
+    """One flag: its type is its default's (str where the default is None; a list
+    default makes a flag that may be given several times)."""
 
     default: object
     help: str
@@ -38,6 +39,8 @@ class Setting:
     choices: tuple = ()
 
 
+WEIGHTS_FNAME = Setting(None, "Checkpoint to use, a path, a file name inside --model_dir "
+                        "or a step (default: model.keras, the final model).")
 MODEL_DIR = Setting(DEFAULT_MODEL_DIR, "Folder holding the whole record of a run: flags, "
                     "checkpoints, history, logs, figures and evaluation reports.")
 SKIP_BAD_IMAGES = Setting(False, "Leave out image files that cannot be decoded "
@@ -136,8 +139,7 @@ EVAL = {
     "model_dir": MODEL_DIR,
     "test_dir": Setting(os.path.join(DEFAULT_DATA_DIR, "test"), "Split to evaluate: a "
                         "folder with source/<class>/ and target/<class>/ images."),
-    "weights_fname": Setting(None, "Checkpoint to evaluate, a path or a file name inside "
-                             "--model_dir (default: model.keras)."),
+    "weights_fname": WEIGHTS_FNAME,
     "skip_bad_images": SKIP_BAD_IMAGES,
     "tsne": Setting(False, "Also draw tsne.png, a t-SNE of the features of 1,000 source "
                     "and 1,000 target test images coloured by domain."),
@@ -149,6 +151,24 @@ EVAL = {
                                   "validation, which trains a model with the run's "
                                   "recipe from the split's pseudo-labelled target to "
                                   "its source (about a run's length on the split)."),
+}
+PREDICT = {
+    "model_dir": MODEL_DIR,
+    "input": Setting([], "Image files or folders to predict (folders are read "
+                     "recursively; class folders are neither needed nor read). Several "
+                     "may follow one flag: --input a.png photos/ more/."),
+    "output": Setting(None, "CSV to write, one row per image (default: "
+                      "MODEL_DIR/predictions.csv)."),
+    "features": Setting(None, "Also write the images' shared features to this .npy "
+                        "file, a row per CSV row."),
+    "weights_fname": WEIGHTS_FNAME,
+    "skip_bad_images": SKIP_BAD_IMAGES,
+}
+EXPORT = {
+    "model_dir": MODEL_DIR,
+    "output": Setting(None, "Folder to write saved_model/, model.tflite and "
+                      "class_names.txt into (default: MODEL_DIR/export)."),
+    "weights_fname": WEIGHTS_FNAME,
 }
 BUILD = {
     "output_dir": Setting(DEFAULT_DATA_DIR, "Folder to write the data set into."),
@@ -179,7 +199,7 @@ BUILD = {
 def problem(setting, value):
     """What `value` breaks of the setting's type, choices or rule ("must be ..."), or
     None."""
-    types = {bool: (bool,), int: (int,), float: (int, float)}.get(
+    types = {bool: (bool,), int: (int,), float: (int, float), list: (list,)}.get(
         type(setting.default), (str, type(None)))
     if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
         return f"must be {' or '.join(kind.__name__ for kind in types)}, not {value!r}"
@@ -197,8 +217,8 @@ def define(settings, flag_values=flags.FLAGS):
                               flag_values=flag_values)
         else:
             define_flag = {bool: flags.DEFINE_boolean, int: flags.DEFINE_integer,
-                           float: flags.DEFINE_float}.get(type(setting.default),
-                                                          flags.DEFINE_string)
+                           float: flags.DEFINE_float, list: flags.DEFINE_multi_string
+                           }.get(type(setting.default), flags.DEFINE_string)
             define_flag(name, setting.default, setting.help, flag_values=flag_values)
 
         def check(value, setting=setting):

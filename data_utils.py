@@ -1,14 +1,16 @@
 """Two-domain image folders: the layout, its validation and the tf.data input pipeline.
 
-A split folder holds `source/<class>/*` and `target/<class>/*`; class folders are
-matched by name across domains and splits and sorted, so a class's index is the same
-everywhere.
+A split folder holds `source/<class>/*` and `target/`. The target is labelled when
+it holds the source's class folders (`target/<class>/*`), unlabelled when its images
+lie anywhere under it in no folder named after a class. Class folders are sorted, so
+a class's index is the same in every domain and split.
 """
 
 import contextlib
 import dataclasses
 import os
 
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
@@ -16,6 +18,9 @@ from file_utils import IMAGE_EXTENSIONS, UserError
 
 DOMAINS = ("source", "target")
 DECODE_BATCH = 256
+UNLABELLED = -1  # the label of every image of an unlabelled target
+UNLABELLED_HINT = (", or, if the target has no labels, put its images in target/ "
+                   "without class folders")
 
 
 def without_autotune_thread(dataset):
@@ -32,9 +37,11 @@ def without_autotune_thread(dataset):
 
 @dataclasses.dataclass
 class DomainFiles:
-    """Image paths of one domain with their class indices."""
+    """Image paths of one domain with their class indices; an unlabelled domain's
+    labels are all UNLABELLED."""
     paths: list
     labels: list
+    labelled: bool = True
 
     def __len__(self):
         return len(self.paths)
@@ -42,79 +49,166 @@ class DomainFiles:
 
 @dataclasses.dataclass
 class SplitFiles:
-    """The scanned contents of one split folder (train, val or test)."""
+    """The scanned contents of one split folder (train, val or test); a domain the
+    split does not hold (allowed only where the caller said so) is None."""
     root: str
     class_names: list
     source: DomainFiles
     target: DomainFiles
     ignored_files: int
 
-
-def _domain_classes(split_dir):
-    """{domain: sorted class folder names} of a split, refusing a missing domain."""
-    if not os.path.isdir(split_dir):
-        raise UserError(f"{split_dir} is not a folder: pass a folder holding "
-                        "source/<class>/ and target/<class>/ image folders")
-    found = {}
-    for domain in DOMAINS:
-        domain_dir = os.path.join(split_dir, domain)
-        if not os.path.isdir(domain_dir):
-            raise UserError(f"{domain_dir} is missing: a split folder needs both "
-                            "source/<class>/ and target/<class>/ image folders")
-        found[domain] = sorted(e.name for e in os.scandir(domain_dir) if e.is_dir())
-        if not found[domain]:
-            raise UserError(f"{domain_dir} has no class folders: put the images in "
-                            f"{domain_dir}/<class_name>/")
-    return found
+    def domains(self):
+        """[(domain name, DomainFiles)] of the domains the split holds."""
+        return [(name, getattr(self, name)) for name in DOMAINS
+                if getattr(self, name) is not None]
 
 
-def _scan_domain(domain_dir, class_names):
+def _sub_folders(folder):
+    return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+
+
+def _is_image(name):
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def images_under(folder):
+    """(sorted image paths anywhere under `folder`, number of other files there)."""
+    images, ignored = [], 0
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in files:
+            if _is_image(name):
+                images.append(os.path.join(root, name))
+            else:
+                ignored += 1
+    return sorted(images), ignored
+
+
+def list_images(inputs):
+    """The images among `inputs` (image files, and folders read recursively) as
+    unlabelled DomainFiles in sorted order, and the number of other files found in
+    the folders; raises UserError for a missing path, an explicit file that is not an
+    image, or no image at all."""
+    found, ignored = set(), 0
+    for path in inputs:
+        if os.path.isdir(path):
+            images, others = images_under(path)
+            found.update(map(os.path.normpath, images))
+            ignored += others
+        elif not os.path.exists(path):
+            raise UserError(f"{path} does not exist: pass image files or folders")
+        elif not _is_image(path):
+            raise UserError(f"{path} is not an image file ({', '.join(IMAGE_EXTENSIONS)})"
+                            ": pass image files or folders holding them")
+        else:
+            found.add(os.path.normpath(path))
+    if not found:
+        raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in "
+                        f"{', '.join(inputs)}: pass image files or folders holding them")
+    paths = sorted(found)
+    return DomainFiles(paths, [UNLABELLED] * len(paths), labelled=False), ignored
+
+
+def _scan_class_folders(domain_dir, class_names, unlabelled_hint=""):
+    """The labelled layout: `domain_dir/<class>/*` for every class."""
     paths, labels, ignored = [], [], 0
     for index, name in enumerate(class_names):
         class_dir = os.path.join(domain_dir, name)
         files = sorted(e.name for e in os.scandir(class_dir) if e.is_file())
-        images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+        images = [f for f in files if _is_image(f)]
         ignored += len(files) - len(images)
         if not images:
             raise UserError(
                 f"class folder {class_dir} holds no images "
                 f"({', '.join(IMAGE_EXTENSIONS)}): add images or remove the folder "
-                "from every domain and split")
+                f"from every domain and split{unlabelled_hint}")
         paths.extend(os.path.join(class_dir, f) for f in images)
         labels.extend([index] * len(images))
     return DomainFiles(paths, labels), ignored
 
 
-def scan_split(split_dir, class_names=None):
-    """Lists and validates the images of a `source`/`target` split folder.
+def _scan_source(source_dir, class_names):
+    """The source: labelled class folders, the classes of the split (or the given
+    `class_names`, which they must match)."""
+    found = _sub_folders(source_dir)
+    if not found:
+        raise UserError(f"{source_dir} has no class folders: put the labelled source "
+                        f"images in {source_dir}/<class_name>/")
+    if class_names is not None and list(class_names) != found:
+        raise UserError(
+            f"class folders of {source_dir} differ from the training classes "
+            f"({_difference(class_names, found)}): every split needs the same "
+            "class folder names")
+    return found, *_scan_class_folders(source_dir, found)
+
+
+def _scan_target(target_dir, class_names):
+    """The target in either layout: labelled (`<class>/` folders, exactly the source's
+    classes) or unlabelled (images anywhere under it, in no folder named after a
+    class)."""
+    folders = _sub_folders(target_dir)
+    named_after_classes = [name for name in folders if name in class_names]
+    if not named_after_classes:
+        paths, ignored = images_under(target_dir)
+        if not paths:
+            raise UserError(f"{target_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)}"
+                            f"): put the target images there, in any sub-folders, or in "
+                            f"{target_dir}/<class_name>/ if they have labels")
+        return DomainFiles(paths, [UNLABELLED] * len(paths), labelled=False), ignored
+    loose = any(e.is_file() and _is_image(e.name) for e in os.scandir(target_dir))
+    if folders != list(class_names) or loose:
+        difference = "; ".join(filter(None, [
+            _difference(class_names, folders) if folders != list(class_names) else "",
+            "images directly inside" if loose else ""]))
+        raise UserError(
+            f"class folders of {target_dir} match the source's only partly "
+            f"({difference}): use one layout, "
+            f"{target_dir}/<class>/ with exactly the source's class folders for a "
+            "labelled target, or no folder named after a class for an unlabelled one")
+    return _scan_class_folders(target_dir, class_names, UNLABELLED_HINT)
+
+
+def scan_split(split_dir, class_names=None, required=DOMAINS):
+    """Lists and validates the images of a split folder.
 
     Args:
-        split_dir: folder holding `source/<class>/` and `target/<class>/`.
-        class_names: the class folders this split must have (those of the training
-            split); None takes them from the folder.
+        split_dir: folder holding `source/<class>/` and `target/` (labelled:
+            `target/<class>/` with the source's classes; unlabelled: images anywhere
+            under `target/`, in no folder named after a class).
+        class_names: the classes this split must have (those of the training split
+            or model); None takes them from the source's class folders.
+        required: the domains the split must hold; with none required, at least one.
 
     Returns:
         A `SplitFiles`.
 
     Raises:
-        UserError: the folder is missing, lacks a domain, its class folders differ
-            between domains or from `class_names`, or a class folder has no images.
+        UserError: the folder is missing, lacks a required domain, its source class
+            folders differ from `class_names`, a class folder has no images, or the
+            target matches the source's class folders only partly.
     """
-    domain_classes = _domain_classes(split_dir)
-    if domain_classes["source"] != domain_classes["target"]:
-        raise UserError(
-            f"class folders differ between {split_dir}/source and {split_dir}/target "
-            f"({_difference(domain_classes['source'], domain_classes['target'])}): "
-            "both domains need the same class folder names")
-    found = domain_classes["source"]
-    if class_names is not None and list(class_names) != found:
-        raise UserError(
-            f"class folders of {split_dir} differ from the training classes "
-            f"({_difference(class_names, found)}): every split needs the same "
-            "class folder names")
-    source, ignored_source = _scan_domain(os.path.join(split_dir, "source"), found)
-    target, ignored_target = _scan_domain(os.path.join(split_dir, "target"), found)
-    return SplitFiles(split_dir, found, source, target, ignored_source + ignored_target)
+    if not os.path.isdir(split_dir):
+        raise UserError(f"{split_dir} is not a folder: pass a folder holding "
+                        "source/<class>/ and target/ image folders")
+    present = {domain: os.path.join(split_dir, domain) for domain in DOMAINS
+               if os.path.isdir(os.path.join(split_dir, domain))}
+    missing = [domain for domain in required if domain not in present] or (
+        [] if present else list(DOMAINS))
+    if missing:
+        raise UserError(f"{os.path.join(split_dir, missing[0])} is missing: a split "
+                        "folder needs source/<class>/ and target/ image folders")
+    files, ignored = {domain: None for domain in DOMAINS}, 0
+    if "source" in present:
+        class_names, files["source"], ignored = _scan_source(present["source"],
+                                                             class_names)
+    if "target" in present:
+        if class_names is None:
+            raise UserError(f"{present['source']} is missing: the source's class "
+                            "folders name the classes")
+        files["target"], ignored_target = _scan_target(present["target"], class_names)
+        ignored += ignored_target
+    return SplitFiles(split_dir, list(class_names), files["source"], files["target"],
+                      ignored)
 
 
 def _difference(expected, found):
@@ -125,27 +219,47 @@ def _difference(expected, found):
     return "; ".join(parts) or "different order"
 
 
+def sample_files(files, count, seed=0):
+    """Up to `count` of `files` (DomainFiles), drawn without replacement, in order."""
+    chosen = np.sort(np.random.default_rng(seed).permutation(len(files))[:count])
+    return DomainFiles([files.paths[i] for i in chosen],
+                       [files.labels[i] for i in chosen], files.labelled)
+
+
 def to_pixels(values):
     """Float pixel values (a resize's output) rounded and clipped to uint8."""
     return tf.cast(tf.clip_by_value(tf.round(values), 0, 255), tf.uint8)
+
+
+def resized(images, image_size):
+    """An image or a batch of images (uint8, or float pixel values in [0, 255]) at
+    `image_size`: resampled (bilinear) and rounded to whole pixel values where their
+    size differs, as they are where it does not. Decoding and the model's own input
+    layer (`networks.InferenceInput`) both resize with it."""
+    size = images.shape[-3:-1]
+    if size.is_fully_defined() and tuple(size) == tuple(image_size):
+        return images
+
+    def resample():
+        return tf.cast(to_pixels(tf.image.resize(images, image_size)), images.dtype)
+
+    shape = [*images.shape[:-3], *image_size, images.shape[-1]]
+    same_size = tf.reduce_all(tf.equal(tf.shape(images)[-3:-1], image_size))
+    # A reshape to the known size, not ensure_shape: TFLite has no EnsureShape, and
+    # needs the static shape the condition loses.
+    return tf.reshape(tf.cond(same_size, lambda: images, resample),
+                      [-1 if size is None else size for size in shape])
 
 
 def decode_image(path, image_size, channels):
     """Reads one image file as uint8 (height, width, channels) of `image_size`.
 
     Grayscale files become RGB (channel repeated) when `channels` is 3, and colour
-    files become grayscale when it is 1. Images of another size are resized; images
-    already of `image_size` are kept as they are.
+    files become grayscale when it is 1; other sizes are `resized`.
     """
     image = tf.io.decode_image(tf.io.read_file(path), channels=channels,
                                expand_animations=False)
-
-    def resized():
-        return to_pixels(tf.image.resize(image, image_size))
-
-    same_size = tf.reduce_all(tf.equal(tf.shape(image)[:2], image_size))
-    image = tf.cond(same_size, lambda: image, resized)
-    return tf.ensure_shape(image, (*image_size, channels))
+    return tf.ensure_shape(resized(image, image_size), (*image_size, channels))
 
 
 def decode_images(paths, image_size, channels):
@@ -174,53 +288,72 @@ def unreadable_images(files, channels):
     return [path for index, path in enumerate(files.paths) if index not in decoded]
 
 
+def readable_only(files, channels, where):
+    """`files` (DomainFiles) without the images that cannot be decoded, and those
+    images' paths; raises UserError where none is left."""
+    bad = set(unreadable_images(files, channels))
+    kept = [(p, label) for p, label in zip(files.paths, files.labels) if p not in bad]
+    if not kept:
+        raise UserError(f"no readable images in {where}: fix the image files")
+    return (DomainFiles([p for p, _ in kept], [lb for _, lb in kept], files.labelled),
+            sorted(bad))
+
+
 def without_unreadable(split, channels):
-    """The split minus the images that cannot be decoded, and how many were dropped."""
-    dropped = 0
-    for domain in DOMAINS:
-        files = getattr(split, domain)
-        bad = set(unreadable_images(files, channels))
-        kept = [(p, label) for p, label in zip(files.paths, files.labels) if p not in bad]
-        if not kept:
-            raise UserError(f"no readable images in {split.root}/{domain}: fix the "
-                            "image files")
-        setattr(split, domain, DomainFiles([p for p, _ in kept], [lb for _, lb in kept]))
-        dropped += len(bad)
+    """The split minus the images that cannot be decoded, and their paths."""
+    dropped = []
+    for domain, files in split.domains():
+        kept, bad = readable_only(files, channels, os.path.join(split.root, domain))
+        setattr(split, domain, kept)
+        dropped += bad
     return split, dropped
 
 
-def scan_and_log(split_dir, class_names, skip_bad_images, channels):
+def log_skipped(where, skipped):
+    """Logs how many unreadable images of `where` were left out, and which."""
+    logging.info("%s: skipped %d unreadable images%s", where, len(skipped),
+                 "".join(f"\n  {path}" for path in skipped))
+
+
+def scan_and_log(split_dir, class_names, skip_bad_images, channels, required=DOMAINS):
     """`scan_split`, logging ignored files, and with `skip_bad_images` the split
     without its unreadable images; returns (SplitFiles, number of images skipped)."""
-    split, skipped = scan_split(split_dir, class_names), 0
+    split = scan_split(split_dir, class_names, required)
     if split.ignored_files:
         logging.info("%s: ignored %d files that are not images", split_dir,
                      split.ignored_files)
-    if skip_bad_images:
-        split, skipped = without_unreadable(split, channels)
-        logging.info("%s: skipped %d unreadable images", split_dir, skipped)
-    return split, skipped
+    if not skip_bad_images:
+        return split, 0
+    split, skipped = without_unreadable(split, channels)
+    log_skipped(split_dir, skipped)
+    return split, len(skipped)
 
 
-def check_readable(splits, channels):
-    """Raises UserError naming the first image of `splits` that cannot be decoded."""
-    for split in splits:
-        for domain in DOMAINS:
-            bad = unreadable_images(getattr(split, domain), channels)
-            if bad:
-                raise UserError(
-                    f"{bad[0]} is not a readable image ({len(bad)} such files in "
-                    f"{split.root}/{domain}): fix or delete them, or pass "
-                    "--skip_bad_images to leave them out")
+def check_readable(groups, channels):
+    """Raises UserError naming the first image that cannot be decoded among `groups`
+    ([(where, DomainFiles)], as `SplitFiles.domains` with the split's folder)."""
+    for where, files in groups:
+        bad = unreadable_images(files, channels)
+        if bad:
+            raise UserError(
+                f"{bad[0]} is not a readable image ({len(bad)} such files in {where}): "
+                "fix or delete them, or pass --skip_bad_images to leave them out")
+
+
+def file_groups(splits):
+    """[(folder, DomainFiles)] of every domain of `splits`, for `naming_unreadable`."""
+    return [(os.path.join(split.root, domain), files) for split in splits
+            for domain, files in split.domains()]
 
 
 @contextlib.contextmanager
-def naming_unreadable(splits, channels):
-    """Turns TensorFlow's decode error inside the block into a UserError naming the file."""
+def naming_unreadable(groups, channels):
+    """Turns TensorFlow's decode error inside the block into a UserError naming the
+    file, one of `groups` ([(where, DomainFiles)])."""
     try:
         yield
     except tf.errors.InvalidArgumentError:
-        check_readable(splits, channels)
+        check_readable(groups, channels)
         raise
 
 
@@ -242,15 +375,11 @@ def decoded_batches(files, image_size, channels, cache=True):
         tf.data.AUTOTUNE))
 
 
-def image_batches(files, image_size, channels, batch_size, crop=False):
-    """Uncached batches of the decoded images of `files` in order, for a single pass;
-    centre-cropped with `crop`."""
-    def decode(paths):
-        images = decode_images(paths, image_size, channels)
-        return centre_crop(images) if crop else images
-
+def image_batches(files, image_size, channels, batch_size):
+    """Uncached batches of the decoded images of `files` in order, for a single pass."""
     dataset = tf.data.Dataset.from_tensor_slices(files.paths).batch(batch_size)
-    return without_autotune_thread(dataset.map(decode,
+    return without_autotune_thread(dataset.map(
+        lambda paths: decode_images(paths, image_size, channels),
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE))
 
 
@@ -310,15 +439,3 @@ def training_dataset(source, target, labelled_domain, batch_size, seed,
                 "labels": labelled[1]}
 
     return tf.data.Dataset.zip(tuple(streams)).map(to_batch).prefetch(tf.data.AUTOTUNE)
-
-
-def evaluation_dataset(source_batches, target_batches, batch_size, crop=False):
-    """Both domains' `decoded_batches` in one stream of `images`, `labels`, `domains`
-    (0 / 1) batches of `batch_size`, centre-cropped with `crop`."""
-    def tag(domain):
-        return lambda images, labels: {
-            "images": centre_crop(images) if crop else images, "labels": labels,
-            "domains": tf.fill(tf.shape(labels), domain)}
-
-    stream = source_batches.map(tag(0)).concatenate(target_batches.map(tag(1)))
-    return stream.rebatch(batch_size).prefetch(tf.data.AUTOTUNE)

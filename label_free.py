@@ -36,7 +36,7 @@ def in_content_order(files):
 def embed(model, files, batch_size=512):
     """(shared features, class logits) of the images of `files`, in their order."""
     batches = data_utils.image_batches(files, model.image_shape[:2], model.image_shape[2],
-                                       batch_size, crop=model.augment)
+                                       batch_size)
     features = model.features.predict(batches, verbose=0)
     logits = model.label_head.predict(features, batch_size=batch_size, verbose=0)
     return features.astype(np.float64), logits.astype(np.float64)
@@ -115,24 +115,31 @@ def reverse_validation(model, source, target, pseudo_labels, recipe):
 
 
 def scores(model, split, recipe=None):
-    """{score: value} for `model` on a scanned split; with `recipe` (the run's flags),
-    `reverse_validation` too, which trains a model."""
-    source, target = in_content_order(split.source), in_content_order(split.target)
-    target = data_utils.DomainFiles(target.paths, [-1] * len(target))  # never read
-    source_features, source_logits = embed(model, source)
-    target_features, target_logits = embed(model, target)
-    labels = np.asarray(source.labels)
-    source_losses = -special.log_softmax(source_logits, axis=1)[np.arange(len(labels)),
-                                                                labels]
-    probabilities = special.softmax(target_logits, axis=1)
-    result = {
-        "source_accuracy": float(np.mean(np.argmax(source_logits, axis=1) == labels)),
-        "target_entropy": target_entropy(probabilities),
-        "snd": soft_neighbourhood_density(probabilities),
-        "dev": deep_embedded_validation(source_features, source_losses,
-                                        target_features),
-    }
-    if recipe is not None:
-        result["reverse_validation"] = reverse_validation(
-            model, source, target, np.argmax(target_logits, axis=1), recipe)
+    """{score: value} for `model` on a scanned split, those its domains allow:
+    `source_accuracy` needs its source, `target_entropy` and `snd` its target, `dev`
+    both; with `recipe` (the run's flags) and both domains, `reverse_validation` too,
+    which trains a model."""
+    result, source, target = {}, None, None
+    if split.source is not None:
+        source = in_content_order(split.source)
+        source_features, source_logits = embed(model, source)
+        labels = np.asarray(source.labels)
+        source_losses = -special.log_softmax(source_logits, axis=1)[
+            np.arange(len(labels)), labels]
+        result["source_accuracy"] = float(np.mean(np.argmax(source_logits, axis=1)
+                                                  == labels))
+    if split.target is not None:
+        target = in_content_order(split.target)
+        target = data_utils.DomainFiles(target.paths, [data_utils.UNLABELLED] * len(target),
+                                        labelled=False)  # never read
+        target_features, target_logits = embed(model, target)
+        probabilities = special.softmax(target_logits, axis=1)
+        result["target_entropy"] = target_entropy(probabilities)
+        result["snd"] = soft_neighbourhood_density(probabilities)
+    if source is not None and target is not None:
+        result["dev"] = deep_embedded_validation(source_features, source_losses,
+                                                 target_features)
+        if recipe is not None:
+            result["reverse_validation"] = reverse_validation(
+                model, source, target, np.argmax(target_logits, axis=1), recipe)
     return result

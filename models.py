@@ -97,7 +97,8 @@ class DANN(keras.Model):
     `network` names the feature extractor and heads (`networks.NETWORKS`); a
     backbone's weights come from `weights` when the model is built and from the model
     file when it is loaded (so `weights` is not part of the config). `fixed_lambda` > 0
-    replaces the lambda schedule; `augment` tells evaluation to centre-crop.
+    replaces the lambda schedule; `augment` makes the network centre-crop its input
+    outside training (`networks.InferenceInput`).
 
     Calling the model returns `{"class_logits", "domain_logits"}`.
     """
@@ -119,7 +120,7 @@ class DANN(keras.Model):
         self.class_names = list(class_names) if class_names else [
             str(k) for k in range(self.num_classes)]
         parts = networks.build(network, self.image_shape, self.num_classes, self.mean,
-                               precision, weights)
+                               precision, weights, centre_crop=self.augment)
         self.features, self.label_head = parts.features, parts.label_head
         # float32, so lambda scales the reversed gradient in full precision.
         self.grl = GradientReversal(0.0, name="gradient_reversal", dtype="float32")

@@ -20,6 +20,7 @@ import os
 
 import keras
 
+import data_utils
 from file_utils import UserError
 
 NETWORKS = ("mnist", "svhn", "keras_dann", "resnet50")
@@ -40,6 +41,44 @@ class Network:
     label_head: keras.Model
     domain_head: keras.Model
     backbone: keras.Model = None
+
+
+@keras.saving.register_keras_serializable(package="dann")
+class InferenceInput(keras.layers.Layer):
+    """A network's first layer: decoded images (uint8, or float pixel values in
+    [0, 255]) of any size made into what the network was trained on.
+
+    Outside training it resizes images to `image_size` (`data_utils.resized`, as
+    decoding does) and, for a run trained with random crops (`centre_crop`), takes the
+    central 87.5 % resized back, so that the model alone gives evaluation's
+    predictions. In training it passes its input on: the input pipeline has resized
+    and randomly cropped the images.
+    """
+
+    def __init__(self, image_size, centre_crop=False, **kwargs):
+        super().__init__(**kwargs)
+        self.image_size, self.centre_crop = tuple(image_size), bool(centre_crop)
+
+    def call(self, images, training=False):
+        if training:
+            return images
+        images = data_utils.resized(images, self.image_size)
+        return data_utils.centre_crop(images) if self.centre_crop else images
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], *self.image_size, input_shape[-1])
+
+    def get_config(self):
+        return {**super().get_config(), "image_size": list(self.image_size),
+                "centre_crop": self.centre_crop}
+
+
+def network_input(input_shape, centre_crop):
+    """An input of images of any size with `input_shape`'s channels, and the
+    `InferenceInput` layer that makes them `input_shape` images."""
+    return [keras.Input(shape=(None, None, input_shape[2])),
+            InferenceInput(input_shape[:2], centre_crop, name="inference_input",
+                           dtype="float32")]
 
 
 @keras.saving.register_keras_serializable(package="dann")
@@ -90,21 +129,21 @@ def dense_head(feature_dim, hidden_units, outputs, name, precision="float32",
     return keras.Sequential(layers, name=name)
 
 
-def normalised_input(input_shape, mean):
-    """Pixels in [0, 255] -> [0, 1] minus the training mean, in float32 whatever the
-    precision of the layers after them."""
-    return [keras.Input(shape=input_shape),
+def normalised_input(input_shape, mean, centre_crop=False):
+    """`network_input`, then pixels in [0, 255] -> [0, 1] minus the training mean, in
+    float32 whatever the precision of the layers after them."""
+    return [*network_input(input_shape, centre_crop),
             keras.layers.Rescaling(1.0 / 255.0, dtype="float32"),
             keras.layers.Normalization(mean=list(mean), variance=[1.0] * len(mean),
                                        dtype="float32")]
 
 
 def digit_features(input_shape, mean, convolutions, pool, precision, padding="valid",
-                   initializer="glorot_uniform"):
+                   initializer="glorot_uniform", centre_crop=False):
     """Normalised input, then a 5x5 ReLU convolution per entry of `convolutions`
     (its filters), the first two each followed by max-pooling of `pool` (size,
     stride); flattened."""
-    layers = normalised_input(input_shape, mean)
+    layers = normalised_input(input_shape, mean, centre_crop)
     for index, filters in enumerate(convolutions):
         layers.append(keras.layers.Conv2D(filters, 5, activation="relu", padding=padding,
                                           kernel_initializer=initializer,
@@ -115,13 +154,13 @@ def digit_features(input_shape, mean, convolutions, pool, precision, padding="va
     return keras.Sequential(layers, name="features")
 
 
-def digit_network(network, input_shape, num_classes, mean, precision):
+def digit_network(network, input_shape, num_classes, mean, precision, centre_crop):
     """The `mnist`, `keras_dann` or `svhn` network."""
     if network == "svhn":
         # The paper does not state the padding: "same" convolutions keep 28x28 digits
         # large enough for three of them (28 -> 13 -> 6, 6x6x128 features).
         features = digit_features(input_shape, mean, (64, 64, 128), (3, 2), precision,
-                                  padding="same")
+                                  padding="same", centre_crop=centre_crop)
         size = features.output_shape[-1]
         return Network(features,
                        dense_head(size, (3072, 2048), num_classes, "label_classifier",
@@ -130,7 +169,8 @@ def digit_network(network, input_shape, num_classes, mean, precision):
     extra = {"dropout": 0.5, "initializer": "random_normal"} \
         if network == "keras_dann" else {}
     features = digit_features(input_shape, mean, (32, 48), (2, 2), precision,
-                              initializer=extra.get("initializer", "glorot_uniform"))
+                              initializer=extra.get("initializer", "glorot_uniform"),
+                              centre_crop=centre_crop)
     size = features.output_shape[-1]
     return Network(features,
                    dense_head(size, (100, 100), num_classes, "label_classifier",
@@ -176,11 +216,12 @@ def backbone_model(network, input_shape, precision, weights):
         keras.config.set_dtype_policy(previous)
 
 
-def backbone_network(network, input_shape, num_classes, precision, weights):
+def backbone_network(network, input_shape, num_classes, precision, weights,
+                     centre_crop):
     """The `resnet50` recipe: backbone, bottleneck, label and domain heads."""
     backbone = backbone_model(network, input_shape, precision, weights)
     features = keras.Sequential(
-        [keras.Input(shape=input_shape),
+        [*network_input(input_shape, centre_crop),
          BackbonePreprocessing(network, dtype="float32"), backbone,
          keras.layers.Dense(256, dtype=precision),
          keras.layers.BatchNormalization(dtype=precision),
@@ -190,7 +231,8 @@ def backbone_network(network, input_shape, num_classes, precision, weights):
                    backbone)
 
 
-def build(network, input_shape, num_classes, mean, precision="float32", weights="none"):
+def build(network, input_shape, num_classes, mean, precision="float32", weights="none",
+          centre_crop=False):
     """The named network's parts.
 
     Args:
@@ -199,6 +241,8 @@ def build(network, input_shape, num_classes, mean, precision="float32", weights=
         mean: per-channel training mean in [0, 1] (unused by backbones).
         precision: the Keras dtype policy of the hidden layers.
         weights: for a backbone, "imagenet", "none" or a weights file.
+        centre_crop: whether evaluation centre-crops (a run trained with random
+            crops); see `InferenceInput`.
 
     Raises:
         UserError: as `check`, or backbone weights that cannot be downloaded or read.
@@ -207,5 +251,6 @@ def build(network, input_shape, num_classes, mean, precision="float32", weights=
         raise ValueError(f"network must be one of {NETWORKS}, got {network!r}")
     check(network, input_shape, weights)
     if network in BACKBONES:
-        return backbone_network(network, input_shape, num_classes, precision, weights)
-    return digit_network(network, input_shape, num_classes, mean, precision)
+        return backbone_network(network, input_shape, num_classes, precision, weights,
+                                centre_crop)
+    return digit_network(network, input_shape, num_classes, mean, precision, centre_crop)

@@ -5,6 +5,7 @@ import sys
 
 import matplotlib
 import matplotlib.patches
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
@@ -18,9 +19,13 @@ CURVE_PANELS = (
     ("losses", ("label_loss", "domain_loss")),
     ("accuracy", ("label_accuracy", "domain_accuracy", "val_source_accuracy",
                   "val_target_accuracy", "val_domain_accuracy")),
+    ("target health (no labels read)", ("monitor_domain_accuracy",
+                                        "monitor_top_class_share")),
+    ("label-free scores (higher: better)", ("monitor_target_entropy",)),
     ("schedules", ("lambda",)),
 )
-SECOND_AXIS = {"schedules": "lr"}  # on its own scale, or it would lie flat at ~0
+# On its own scale, or it would lie flat (the learning rate at ~0) or squash the other.
+SECOND_AXIS = {"schedules": "lr", "label-free scores (higher: better)": "monitor_snd"}
 
 
 def save_figure(figure, path):
@@ -42,7 +47,8 @@ def _plot_column(axis, epochs, history, key, colour=None):
 
 def training_curves(history, path):
     """Plots the per-epoch history rows (dicts with an `epoch` key) to `path`."""
-    figure, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(15, 4))
+    figure, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(22, 4),
+                                layout="constrained")
     epochs = [row["epoch"] for row in history]
     for axis, (title, keys) in zip(axes, CURVE_PANELS):
         for key in keys:
@@ -51,8 +57,10 @@ def training_curves(history, path):
             second = axis.twinx()
             if _plot_column(second, epochs, history, SECOND_AXIS[title], colour="C3"):
                 second.legend(fontsize=8, loc="lower right")
-        axis.set_title(title)
+                second.set_ylabel(SECOND_AXIS[title])
+        axis.set_title(title, fontsize=10)
         axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     save_figure(figure, path)

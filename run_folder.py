@@ -7,6 +7,7 @@ Loads no TensorFlow: eval.py, the benchmarks and the tests read run folders with
 import contextlib
 import csv
 import glob
+import hashlib
 import json
 import os
 import re
@@ -28,11 +29,12 @@ CURVES_PNG = "train_curves.png"
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_PATTERN = re.compile(r"^ckpt-(\d+)\.keras$")
 LOCK_FILE = ".lock"
-REPORT_FILE = "eval_report.json"
+EVAL_DIR = "eval"
+# What eval.py wrote into the run folder itself before it wrote into EVAL_DIR.
 EVAL_PATTERNS = ("eval_report*.json", "confusion_*.png", "pr_*.png", "tsne*.png")
 DECODED_CACHE_DIR = "decoded_cache"  # --cache disk
 RUN_FILES = (FINAL_MODEL, FLAGS_FILE, CHECKPOINT_DIR, HISTORY_CSV, HISTORY_JSON,
-             CURVES_PNG, "logs", DECODED_CACHE_DIR)
+             CURVES_PNG, "logs", DECODED_CACHE_DIR, EVAL_DIR)
 
 
 def checkpoint_path(model_dir, step):
@@ -62,8 +64,26 @@ def model_to_evaluate(model_dir, weights_fname=None):
     return next((path for path in candidates if os.path.isfile(path)), candidates[1])
 
 
-def eval_outputs(model_dir, model_path):
-    """Where eval.py writes its report and figures for the model at `model_path`.
+def eval_folder(model_dir, test_dir):
+    """Where eval.py writes what it finds on the split `test_dir`:
+    MODEL_DIR/eval/<the split folder's name>/, or, where that folder holds another
+    split's evaluation (one of another data set's test/, say),
+    MODEL_DIR/eval/<name>-<digest of the split's path>/."""
+    split = os.path.abspath(test_dir)
+    name = os.path.basename(split.rstrip(os.sep)) or "split"
+    folder = os.path.join(model_dir, EVAL_DIR, name)
+    for path in sorted(glob.glob(os.path.join(glob.escape(folder), "eval_report*.json"))):
+        with open(path) as handle:
+            if os.path.abspath(json.load(handle).get("test_dir", split)) != split:
+                digest = hashlib.sha256(split.encode()).hexdigest()[:8]
+                return f"{folder}-{digest}"
+        break
+    return folder
+
+
+def eval_outputs(model_dir, model_path, test_dir):
+    """Where eval.py writes its report and figures for the model at `model_path` on
+    the split `test_dir` (in `eval_folder`).
 
     The final model's are eval_report.json, confusion_{source,target,domain}.png,
     pr_{source,target}.png and tsne.png; a checkpoint's carry its name
@@ -76,7 +96,14 @@ def eval_outputs(model_dir, model_path):
              **{f"{kind}_{of}": f"{kind}_{of}{suffix}.png" for kind, of in (
                  ("confusion", "source"), ("confusion", "target"),
                  ("confusion", "domain"), ("pr", "source"), ("pr", "target"))}}
-    return {key: os.path.join(model_dir, value) for key, value in names.items()}
+    folder = eval_folder(model_dir, test_dir)
+    return {key: os.path.join(folder, value) for key, value in names.items()}
+
+
+def report_path(model_dir, test_dir, model_path=None):
+    """The eval report of the run's final model (or of `model_path`) on `test_dir`."""
+    return eval_outputs(model_dir, model_path or os.path.join(model_dir, FINAL_MODEL),
+                        test_dir)["report"]
 
 
 def write_history(model_dir, rows):

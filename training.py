@@ -15,6 +15,7 @@ import common_flags
 import data_utils
 import distribute
 import models
+import monitor
 import networks
 import plots
 import run_folder
@@ -232,9 +233,10 @@ def train_as_chief(config, verbose, flags_file_text, strategy, run_started):
         keras.utils.set_random_seed(config.seed)
         disk_dir = os.path.join(config.model_dir, run_folder.DECODED_CACHE_DIR)
         shape = image_shape(config)
-        data = cache.load_data(config, shape, disk_dir)
+        data = cache.load_data(config, shape, disk_dir, monitor.MONITOR_IMAGES)
         try:
-            with data_utils.naming_unreadable(data.splits, shape[2]):
+            with data_utils.naming_unreadable(data_utils.file_groups(data.splits),
+                                              shape[2]):
                 with strategy.scope():
                     model, steps = build_or_restore(config, data)
                 # The data and the model are sound: only now is an old run replaced.
@@ -259,7 +261,8 @@ def train_as_worker(config, strategy, run_started):
     """
     keras.utils.set_random_seed(config.seed)
     with tempfile.TemporaryDirectory(prefix="dann-decoded-") as disk_dir:
-        data = cache.load_data(config, image_shape(config), disk_dir)
+        data = cache.load_data(config, image_shape(config), disk_dir,
+                               monitor.MONITOR_IMAGES)
         with strategy.scope():
             model, steps = build_or_restore(config, data)
         return fit(model, config, data, steps, run_started, 0, strategy, writes=False)
@@ -298,6 +301,8 @@ def fit(model, config, data, steps, run_started, verbose, strategy, writes=True)
         if writes:  # The guard last: an epoch is recorded before a stop at its end.
             callbacks[:0] = [
                 models.ScheduleLogger(),
+                monitor.HealthMonitor(data.monitored, data.val is not None, history,
+                                      config.num_epochs, config.mode),
                 PeriodicCheckpoint(config.model_dir, config.log_rate, config.num_epochs),
                 HistoryWriter(config.model_dir, history, run_started),
                 keras.callbacks.TensorBoard(os.path.join(config.model_dir, "logs"))]
@@ -317,9 +322,7 @@ def fit(model, config, data, steps, run_started, verbose, strategy, writes=True)
             else:
                 model.fit(distribute.for_keras_fit(batches, strategy), epochs=epochs,
                           steps_per_epoch=epoch_steps, initial_epoch=epoch,
-                          validation_data=data.validation,
-                          validation_steps=data.validation_steps, callbacks=callbacks,
-                          verbose=verbose, shuffle=False)
+                          callbacks=callbacks, verbose=verbose, shuffle=False)
     return history
 
 

@@ -48,8 +48,9 @@ def finished_report(model_dir, num_epochs, test_dir, precision="float32", model=
     """The eval report of a run of `model` in `precision` that trained all `num_epochs`
     and was evaluated on `test_dir` after its last epoch, else None."""
     paths = [os.path.join(model_dir, name) for name in
-             (run_folder.HISTORY_JSON, run_folder.FINAL_MODEL, run_folder.REPORT_FILE,
-              run_folder.FLAGS_FILE)]
+             (run_folder.HISTORY_JSON, run_folder.FINAL_MODEL)]
+    paths += [run_folder.report_path(model_dir, test_dir),
+              os.path.join(model_dir, run_folder.FLAGS_FILE)]
     if not all(os.path.exists(path) for path in paths):
         return None
     with open(paths[0]) as history, open(paths[2]) as report_file, \
@@ -133,7 +134,7 @@ def run_job(data_dir, run_dir, mode, seed, num_epochs, threads, reuse_finished=F
             ["train.py", *train_args, "--restore_model" if resume else "--overwrite"],
             ["eval.py", f"--model_dir={model_dir}", f"--test_dir={data_dir}/test"]],
             threads=threads, append=resume)
-        with open(os.path.join(model_dir, run_folder.REPORT_FILE)) as handle:
+        with open(run_folder.report_path(model_dir, f"{data_dir}/test")) as handle:
             report = json.load(handle)
     print(f"{mode} seed {seed}: target accuracy {report['target_accuracy']:.4f} "
           f"({model_dir})", flush=True)

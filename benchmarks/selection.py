@@ -53,7 +53,7 @@ def train_and_score(config, seed, data_dir, runs_dir):
          *(f"--{key}={value}" for key, value in config.items())],
         ["eval.py", f"--model_dir={model_dir}", f"--test_dir={data_dir}/val",
          "--reverse_validation"]])
-    with open(os.path.join(model_dir, run_folder.REPORT_FILE)) as handle:
+    with open(run_folder.report_path(model_dir, f"{data_dir}/val")) as handle:
         return json.load(handle)["label_free_scores"]
 
 
@@ -63,7 +63,7 @@ def target_test_accuracy(config, seed, data_dir, runs_dir):
     paper_table.run_commands(model_dir, [
         ["eval.py", f"--model_dir={model_dir}", f"--test_dir={data_dir}/test"]],
         append=True)
-    with open(os.path.join(model_dir, run_folder.REPORT_FILE)) as handle:
+    with open(run_folder.report_path(model_dir, f"{data_dir}/test")) as handle:
         return json.load(handle)["target_accuracy"]
 
 

@@ -43,7 +43,7 @@ def test_eval_prints_a_table_and_writes_the_report(trained_run, tiny_data):
                         f"--test_dir={tiny_data}/test")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "target" in result.stdout and "domain classifier accuracy" in result.stdout
-    report = json.load(open(os.path.join(trained_run, "eval_report.json")))
+    report = json.load(open(os.path.join(trained_run, "eval", "test", "eval_report.json")))
     for key in ("source_accuracy", "target_accuracy", "domain_accuracy"):
         assert 0.0 <= report[key] <= 1.0
     assert report["num_source"] == report["num_target"] == 24
@@ -51,7 +51,7 @@ def test_eval_prints_a_table_and_writes_the_report(trained_run, tiny_data):
     assert set(report["per_class"]["target"]) == {"class_0", "class_1", "class_2"}
     for name in ("confusion_source.png", "confusion_target.png", "confusion_domain.png",
                  "pr_source.png", "pr_target.png"):
-        assert os.path.getsize(os.path.join(trained_run, name)) > 1000
+        assert os.path.getsize(os.path.join(trained_run, "eval", "test", name)) > 1000
     rows = np.asarray(report["domain_confusion"])
     np.testing.assert_allclose(rows.sum(axis=1), [1.0, 1.0])
     # Its diagonal, weighted by the domains' sizes (equal here), is the domain accuracy.
@@ -103,8 +103,8 @@ def test_eval_tsne_draws_the_features_of_both_domains(trained_run, tiny_data):
     result = run_script("eval.py", f"--model_dir={trained_run}",
                         f"--test_dir={tiny_data}/test", "--tsne")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert os.path.getsize(os.path.join(trained_run, "tsne.png")) > 5000
-    assert os.path.join(trained_run, "tsne.png") in result.stdout
+    tsne = os.path.join(trained_run, "eval", "test", "tsne.png")
+    assert os.path.getsize(tsne) > 5000 and tsne in result.stdout
 
 
 def test_paper_table_writes_the_documented_shape(tiny_data, tmp_path):
@@ -149,7 +149,7 @@ def test_paper_table_writes_the_documented_shape(tiny_data, tmp_path):
     log = tmp_path / "runs" / "dann-seed1.log"
     first_log = log.read_text()
     os.remove(model)
-    os.remove(tmp_path / "runs" / "dann-seed1" / "eval_report.json")
+    os.remove(tmp_path / "runs" / "dann-seed1" / "eval" / "test" / "eval_report.json")
     result = paper_table(f"{prefix}-resumed", "--reuse_finished")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "dann seed 1: resuming" in result.stdout and "training into" not in \
@@ -276,8 +276,8 @@ def test_overwrite_replaces_the_whole_run_eval_outputs_included(tiny_data, tmp_p
     result = run_script("train.py", *common, "--seed=3", "--overwrite")
     assert result.returncode == 0, result.stderr[-3000:]
     left = set(os.listdir(model_dir))
-    assert not [name for name in left if name.startswith(("eval_report", "confusion",
-                                                          "tsne"))], left
+    assert "eval" not in left and not [name for name in left if name.startswith(
+        ("eval_report", "confusion", "tsne"))], left
     assert "--seed=3" in open(f"{model_dir}/flags.txt").read().split()
     after = _weights(f"{model_dir}/model.keras")
     assert any(not np.array_equal(a, b) for a, b in zip(before, after))
@@ -287,12 +287,13 @@ def test_overwrite_replaces_the_whole_run_eval_outputs_included(tiny_data, tmp_p
                                   "ckpt-00000006.keras", "ckpt-6.keras", "6"])
 def test_eval_of_a_checkpoint_keeps_the_final_models_report(trained_run, tiny_data,
                                                             name):
-    final_report = os.path.join(trained_run, "eval_report.json")
+    final_report = os.path.join(trained_run, "eval", "test", "eval_report.json")
     before = open(final_report).read() if os.path.exists(final_report) else None
     result = run_script("eval.py", f"--model_dir={trained_run}",
                         f"--test_dir={tiny_data}/test", f"--weights_fname={name}")
     assert result.returncode == 0, result.stderr[-3000:]
-    written = [os.path.join(trained_run, f"{stem}-ckpt-00000006.{ext}") for stem, ext in
+    written = [os.path.join(trained_run, "eval", "test", f"{stem}-ckpt-00000006.{ext}")
+               for stem, ext in
                (("confusion_domain", "png"), ("confusion_source", "png"),
                 ("confusion_target", "png"), ("eval_report", "json"),
                 ("pr_source", "png"), ("pr_target", "png"))]
@@ -311,7 +312,7 @@ def test_eval_of_a_checkpoint_reports_its_exact_accuracy(trained_run, tiny_data)
     result = run_script("eval.py", f"--model_dir={trained_run}",
                         f"--test_dir={tiny_data}/test", f"--weights_fname={checkpoint}")
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.load(open(os.path.join(trained_run,
+    report = json.load(open(os.path.join(trained_run, "eval", "test",
                                          "eval_report-ckpt-00000006.json")))
     assert report["model"] == os.path.join(trained_run, checkpoint)
     model = evaluation.load_trained_model(report["model"])

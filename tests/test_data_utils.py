@@ -37,7 +37,7 @@ def test_scan_split_counts_and_ignores_files_that_are_not_images(tmp_path):
 @pytest.mark.parametrize("breakage, message", [
     (lambda root: shutil.rmtree(os.path.join(root, "target")), "target is missing"),
     (lambda root: shutil.rmtree(os.path.join(root, "target", "class_2")),
-     "class folders differ"),
+     "match the source's only partly"),
     (lambda root: [os.remove(os.path.join(root, "source", "class_1", f))
                    for f in os.listdir(os.path.join(root, "source", "class_1"))],
      "holds no images"),
@@ -47,6 +47,84 @@ def test_scan_split_rejects_broken_layouts(tmp_path, breakage, message):
     breakage(root)
     with pytest.raises(data_utils.UserError, match=message):
         data_utils.scan_split(root)
+
+
+def unlabel_target(root, layout):
+    """Moves root/target/class_<k>/*.png out of their class folders: `flat` straight
+    into target/, `nested` into folders of other names, two levels deep."""
+    target = os.path.join(root, "target")
+    for name in sorted(os.listdir(target)):
+        for file_name in sorted(os.listdir(os.path.join(target, name))):
+            folder = target if layout == "flat" else os.path.join(target, f"cam_{name}",
+                                                                 "day_1")
+            os.makedirs(folder, exist_ok=True)
+            os.rename(os.path.join(target, name, file_name),
+                      os.path.join(folder, f"{name}-{file_name}"))
+        os.rmdir(os.path.join(target, name))
+    return root
+
+
+@pytest.mark.parametrize("layout", ["flat", "nested"])
+def test_a_target_without_class_folders_is_read_unlabelled(tmp_path, layout):
+    root = unlabel_target(write_split(tmp_path / "split", per_class=2), layout)
+    (tmp_path / "split" / "target" / "notes.txt").write_text("x")
+    split = data_utils.scan_split(root)
+    assert split.class_names == ["class_0", "class_1", "class_2"]
+    assert split.source.labelled and not split.target.labelled
+    assert len(split.target) == 6 and split.target.paths == sorted(split.target.paths)
+    assert set(split.target.labels) == {data_utils.UNLABELLED}
+    assert split.ignored_files == 1
+
+
+@pytest.mark.parametrize("mix", ["loose image", "folder of another name"])
+def test_a_target_that_mixes_both_layouts_is_refused(tmp_path, mix):
+    root = write_split(tmp_path / "split", per_class=2)
+    source = os.path.join(root, "source", "class_0", "00000.png")
+    extra = os.path.join(root, "target", *(["x.png"] if mix == "loose image" else
+                                           ["unsorted", "x.png"]))
+    os.makedirs(os.path.dirname(extra), exist_ok=True)
+    shutil.copy(source, extra)
+    with pytest.raises(data_utils.UserError, match="only partly .*use one layout"):
+        data_utils.scan_split(root)
+
+
+def test_an_unlabelled_target_without_images_is_refused(tmp_path):
+    root = write_split(tmp_path / "split", per_class=2)
+    shutil.rmtree(os.path.join(root, "target"))
+    os.makedirs(os.path.join(root, "target", "empty"))
+    with pytest.raises(data_utils.UserError, match="target holds no images"):
+        data_utils.scan_split(root)
+
+
+def test_a_split_of_one_domain_is_read_where_allowed(tmp_path):
+    root = unlabel_target(write_split(tmp_path / "split", per_class=2), "flat")
+    shutil.rmtree(os.path.join(root, "source"))
+    with pytest.raises(data_utils.UserError, match="source is missing"):
+        data_utils.scan_split(root)
+    classes = ["class_0", "class_1", "class_2"]
+    split = data_utils.scan_split(root, classes, required=())
+    assert split.source is None and [d for d, _ in split.domains()] == ["target"]
+    with pytest.raises(data_utils.UserError, match="neither|is missing"):
+        data_utils.scan_split(str(tmp_path), classes, required=())
+
+
+def test_list_images_reads_files_and_folders_recursively_in_sorted_order(tmp_path):
+    root = write_split(tmp_path / "split", per_class=2)
+    (tmp_path / "split" / "source" / "notes.txt").write_text("x")
+    one = os.path.join(root, "target", "class_1", "00000.png")
+    files, ignored = data_utils.list_images([os.path.join(root, "source"), one, one])
+    assert files.paths == sorted(files.paths) and len(files) == 7 and ignored == 1
+    assert not files.labelled and one in files.paths
+    for paths, message in (([str(tmp_path / "nope.png")], "does not exist"),
+                           ([str(tmp_path / "split" / "source" / "notes.txt")],
+                            "is not an image file"),
+                           ([str(tmp_path / "split" / "source" / "class_0" / "x")],
+                            "does not exist")):
+        with pytest.raises(data_utils.UserError, match=message):
+            data_utils.list_images(paths)
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(data_utils.UserError, match="no images"):
+        data_utils.list_images([str(tmp_path / "empty")])
 
 
 def test_scan_split_rejects_a_missing_folder(tmp_path):
@@ -198,19 +276,6 @@ def test_every_image_appears_once_per_pass(tiny_data):
     assert np.bincount(labels).tolist() == [16, 16, 16]
 
 
-def test_evaluation_stream_tags_domains_across_decode_batches(tiny_data, monkeypatch):
-    monkeypatch.setattr(data_utils, "DECODE_BATCH", 5)  # 48 files a domain: 10 batches
-    split = data_utils.scan_split(os.path.join(tiny_data, "train"))
-    source, target = _domains(split)
-    batches = _take(data_utils.evaluation_dataset(source.batches(), target.batches(), 7),
-                    100)
-    assert [len(b["labels"]) for b in batches] == [7] * 13 + [5]
-    domains = np.concatenate([b["domains"] for b in batches])
-    assert domains.tolist() == [0] * 48 + [1] * 48
-    labels = np.concatenate([b["labels"] for b in batches])
-    assert labels.tolist() == split.source.labels + split.target.labels
-
-
 def test_steps_per_epoch_covers_the_larger_domain():
     assert data_utils.steps_per_epoch(1000, 300, 64) == 16
     assert data_utils.steps_per_epoch(960, 300, 64) == 15
@@ -238,7 +303,6 @@ def test_no_pipeline_runs_tf_data_autotuning(tiny_data):
         decoded,
         data_utils.image_batches(split.target, (28, 28), 3, 8),
         data_utils.training_dataset(*_domains(split), "source", 8, seed=0),
-        data_utils.evaluation_dataset(decoded, decoded, 8),
     ]
     for dataset in pipelines:
         assert dataset.options().autotune.enabled is False

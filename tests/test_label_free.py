@@ -95,7 +95,8 @@ def test_scores_never_read_target_labels(tiny_data, tmp_path):
     for split in (f"{tiny_data}/test", permuted):
         printed = run("eval.py", f"--model_dir={model_dir}", f"--test_dir={split}",
                       "--reverse_validation").stdout
-        report = json.load(open(os.path.join(model_dir, "eval_report.json")))
+        report = json.load(open(os.path.join(model_dir, "eval", os.path.basename(split),
+                                             "eval_report.json")))
         scores.append(report["label_free_scores"])
         assert "reverse_validation" in printed
     assert set(scores[0]) == {"source_accuracy", "target_entropy", "snd", "dev",
@@ -115,7 +116,7 @@ def test_reverse_validation_without_the_runs_flags_is_one_line(tiny_data, tmp_pa
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: --reverse_validation") and "flags.txt" in last
-    assert not os.path.exists(os.path.join(model_dir, "eval_report.json"))
+    assert not os.path.exists(os.path.join(model_dir, "eval"))
 
 
 def test_selection_benchmark_writes_the_documented_shape(tmp_path):

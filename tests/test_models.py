@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import data_utils
 import models
+import networks
 
 
 @pytest.mark.parametrize("lam", [0.3, 2.0])
@@ -124,9 +126,30 @@ def test_keras_file_round_trip_gives_identical_predictions(tmp_path):
 def test_normalisation_inside_the_model_subtracts_the_channel_mean():
     model = models.DANN((28, 28, 3), 10, [0.1, 0.5, 0.9])
     images = np.full((1, 28, 28, 3), 255, np.float32)
-    rescale, normalise = model.features.layers[:2]
+    inference_input, rescale, normalise = model.features.layers[:3]
+    np.testing.assert_array_equal(inference_input(images), images)
     np.testing.assert_allclose(normalise(rescale(images))[0, 0, 0].numpy(),
                                [0.9, 0.5, 0.1], rtol=1e-6)
+
+
+def test_the_model_resizes_and_centre_crops_only_outside_training():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 40, 34, 3)).astype(np.uint8)
+    resized = np.stack([data_utils.resized(tf.constant(image), (28, 28)).numpy()
+                        for image in images])
+    layer = networks.InferenceInput((28, 28), centre_crop=True)
+    expected = data_utils.centre_crop(resized).numpy()
+    np.testing.assert_array_equal(layer(images).numpy(), expected)
+    np.testing.assert_array_equal(layer(resized).numpy(), expected)
+    np.testing.assert_array_equal(layer(resized, training=True), resized)
+    floats = layer(images.astype(np.float32)).numpy()
+    np.testing.assert_array_equal(floats, expected.astype(np.float32))
+    model = models.DANN((28, 28, 3), 4, [0.5] * 3, augment=True)
+    np.testing.assert_allclose(model(images)["class_logits"],
+                               model(resized)["class_logits"], atol=1e-6)
+    plain = models.DANN((28, 28, 3), 4, [0.5] * 3)
+    assert not np.allclose(plain(resized)["class_logits"],
+                           plain(expected)["class_logits"])
 
 
 @pytest.mark.parametrize("mode", ["source_only", "target_only"])
@@ -208,7 +231,8 @@ def test_flag_choices_are_the_models_modes_and_precisions():
 def test_mixed_precision_keeps_normalisation_lambda_and_logits_in_float32():
     model = models.build_dann((28, 28, 3), 10, [0.5] * 3, "dann", 100,
                               precision="mixed_bfloat16")
-    rescale, normalise, first_conv = model.features.layers[:3]
+    inference_input, rescale, normalise, first_conv = model.features.layers[:4]
+    assert inference_input.compute_dtype == "float32"
     assert rescale.compute_dtype == normalise.compute_dtype == "float32"
     assert first_conv.compute_dtype == "bfloat16" and first_conv.variable_dtype == "float32"
     assert model.grl.compute_dtype == "float32"

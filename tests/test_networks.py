@@ -104,7 +104,7 @@ def test_every_model_trains_saves_reloads_and_evaluates(tiny_data, tmp_path, mod
     evaluated = run_script("eval.py", f"--model_dir={model_dir}",
                            f"--test_dir={tiny_data}/test")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    with open(os.path.join(model_dir, "eval_report.json")) as handle:
+    with open(os.path.join(model_dir, "eval", "test", "eval_report.json")) as handle:
         report = json.load(handle)
     assert 0.0 <= report["target_accuracy"] <= 1.0 and report["num_target"] == 24
     saved = keras.saving.load_model(os.path.join(model_dir, "model.keras"))

@@ -26,8 +26,9 @@ def test_sample_grid_shows_both_domains(tiny_data, tmp_path):
 
 
 def test_training_curves_tolerate_columns_missing_in_some_epochs(tmp_path):
-    rows = [{"epoch": 1, "label_loss": 1.0, "lambda": 0.1},
-            {"epoch": 2, "label_loss": 0.5, "lambda": 0.4, "val_target_accuracy": 0.6}]
+    rows = [{"epoch": 1, "label_loss": 1.0, "lambda": 0.1, "monitor_snd": 3.0},
+            {"epoch": 2, "label_loss": 0.5, "lambda": 0.4, "val_target_accuracy": 0.6,
+             "monitor_snd": 3.2, "monitor_target_entropy": -0.4}]
     plots.training_curves(rows, str(tmp_path / "curves.png"))
     assert_png(str(tmp_path / "curves.png"), 800)
 
