@@ -31,6 +31,8 @@ SCORED_IMAGES = 2000  # at most, of the target images entropy and SND are comput
 # apart sits near 0.9 from its second epoch on.
 DOMAIN_ALARM = 0.8
 COLLAPSE_SHARE = 0.9
+WARNING_NAMES = {"domain": "the features are not being aligned",
+                 "collapse": "the target predictions collapsed"}
 README_SECTION = "see the README's 'Watching a run without target labels'"
 
 

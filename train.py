@@ -59,6 +59,11 @@ def main(argv):
                         sorted((history[-1] if history else {}).items()) if key != "epoch")
     print(f"Trained {config.mode} for {config.num_epochs} epochs into "
           f"{config.model_dir}: {summary}")
+    warnings = training.monitor.health_warnings(history, config.num_epochs, config.mode)
+    if warnings:
+        names = ", ".join(training.monitor.WARNING_NAMES[kind] for kind in warnings)
+        print(f"{len(warnings)} warning{'s' if len(warnings) > 1 else ''} above ({names}): "
+              f"{training.monitor.README_SECTION}")
 
 
 if __name__ == "__main__":

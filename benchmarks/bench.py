@@ -34,6 +34,7 @@ import data_utils  # noqa: E402
 import evaluation  # noqa: E402
 import mnist_m  # noqa: E402
 import models  # noqa: E402
+import prediction  # noqa: E402
 import run_folder  # noqa: E402
 from file_utils import write_atomically  # noqa: E402
 
@@ -193,6 +194,16 @@ def eval_path(model_dir, test_dir):
     return images / evaluate_seconds, images / (time.perf_counter() - started)
 
 
+def predict_path(model_dir, target_dir, work_dir):
+    """Images/s of predict.py's work on the test target (a folder read recursively):
+    listing, decoding, predicting and writing the CSV; model loading not counted.
+    The first call compiles the predict function, as in `eval_path`."""
+    output = os.path.join(work_dir, "predictions.csv")
+    prediction.run(model_dir, [target_dir], output)
+    summary = prediction.run(model_dir, [target_dir], output)
+    return summary["images_per_second"]
+
+
 def build_seconds(output_dir, **limits):
     started = time.perf_counter()
     mnist_m.build_mnist_mnistm(output_dir, cache_dir=common_flags.CACHE_DIR,
@@ -235,6 +246,8 @@ def measure(quick):
         epochs = 3 if quick else 4
         cold, warm, peak_rss_mb, model_dir = train_path(data_dir, work_dir, epochs)
         evaluate, decode = eval_path(model_dir, os.path.join(data_dir, "test"))
+        results["predict_img_per_s"] = predict_path(
+            model_dir, os.path.join(data_dir, "test", "target"), work_dir)
         results.update(train_cold_img_per_s=cold, train_warm_img_per_s=warm,
                        eval_img_per_s=evaluate, eval_decode_img_per_s=decode,
                        data_build_s=build, peak_rss_mb=None if quick else peak_rss_mb)
@@ -256,6 +269,8 @@ def add_ratios(results):
         results[f"ratio_{name}_to_bare"] = results[key] / results["bare_step_img_per_s"]
     results["ratio_eval_to_warm"] = (results["eval_img_per_s"]
                                      / results["train_warm_img_per_s"])
+    results["ratio_predict_to_eval"] = (results["predict_img_per_s"]
+                                        / results["eval_img_per_s"])
     # Decoding and the forward pass share the cores, so their times per image add up.
     results["eval_bound_img_per_s"] = 1 / (1 / results["eval_decode_img_per_s"]
                                            + 1 / results["forward_img_per_s"])

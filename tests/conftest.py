@@ -37,6 +37,21 @@ def write_split(root, per_class, num_classes=3, seed=0):
     return str(root)
 
 
+def unlabel_target(root, layout):
+    """Moves root/target/class_<k>/*.png out of their class folders: `flat` straight
+    into target/, `nested` into folders of other names, two levels deep."""
+    target = os.path.join(root, "target")
+    for name in sorted(os.listdir(target)):
+        for file_name in sorted(os.listdir(os.path.join(target, name))):
+            folder = target if layout == "flat" else os.path.join(target, f"cam_{name}",
+                                                                 "day_1")
+            os.makedirs(folder, exist_ok=True)
+            os.rename(os.path.join(target, name, file_name),
+                      os.path.join(folder, f"{name}-{file_name}"))
+        os.rmdir(os.path.join(target, name))
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """A tiny data set: DIR/train (16 per class), DIR/test (8 per class)."""

@@ -14,7 +14,7 @@ import tensorflow as tf
 import cache
 import data_utils
 import file_utils
-from conftest import write_split
+from conftest import unlabel_target, write_split
 
 
 def test_scan_split_lists_sorted_classes_and_matching_labels(tiny_data):
@@ -47,21 +47,6 @@ def test_scan_split_rejects_broken_layouts(tmp_path, breakage, message):
     breakage(root)
     with pytest.raises(data_utils.UserError, match=message):
         data_utils.scan_split(root)
-
-
-def unlabel_target(root, layout):
-    """Moves root/target/class_<k>/*.png out of their class folders: `flat` straight
-    into target/, `nested` into folders of other names, two levels deep."""
-    target = os.path.join(root, "target")
-    for name in sorted(os.listdir(target)):
-        for file_name in sorted(os.listdir(os.path.join(target, name))):
-            folder = target if layout == "flat" else os.path.join(target, f"cam_{name}",
-                                                                 "day_1")
-            os.makedirs(folder, exist_ok=True)
-            os.rename(os.path.join(target, name, file_name),
-                      os.path.join(folder, f"{name}-{file_name}"))
-        os.rmdir(os.path.join(target, name))
-    return root
 
 
 @pytest.mark.parametrize("layout", ["flat", "nested"])

@@ -33,8 +33,8 @@ def _weights(model_dir, name="model.keras"):
 def _permute_labels(monkeypatch, domain):
     original = data_utils.scan_split
 
-    def scan_with_permuted_labels(split_dir, class_names=None):
-        split = original(split_dir, class_names)
+    def scan_with_permuted_labels(split_dir, class_names=None, *args):
+        split = original(split_dir, class_names, *args)
         files = getattr(split, domain)
         files.labels = list(np.random.default_rng(99).permutation(files.labels))
         return split
