@@ -20,6 +20,7 @@ import tensorflow as tf
 from absl import logging
 
 import data_utils
+import folders
 from file_utils import UserError, save_atomically
 
 MODES = ("memory", "disk", "none")
@@ -58,7 +59,7 @@ class DomainImages:
     """The training images of one domain and where their decoded pixels are kept.
 
     Args:
-        files: a `data_utils.DomainFiles`.
+        files: a `folders.DomainFiles`.
         image_size, channels: the decoded images' (height, width) and channels.
         mode: one of MODES.
         disk_dir: where `disk` mode writes its file (in the run folder).
@@ -163,10 +164,10 @@ class TrainingData:
     """The scanned training split, its two `DomainImages`, the optional validation
     split, and the (source, target) `DomainImages` the per-epoch monitor predicts:
     the validation split's, else a fixed sample of the training split's."""
-    train: data_utils.SplitFiles
+    train: folders.SplitFiles
     source: DomainImages
     target: DomainImages
-    val: data_utils.SplitFiles = None
+    val: folders.SplitFiles = None
     monitored: tuple = ()
 
     @property
@@ -186,7 +187,7 @@ def load_split(split_dir, config, shape, disk_dir, class_names=None, mode=None):
         mode, reason = choose(config.cache, size)
         logging.info("%s: decoded images %s (%s)", split_dir, KEPT[mode], reason)
     return (split, *(DomainImages(getattr(split, domain), shape[:2], shape[2], mode,
-                                  disk_dir) for domain in data_utils.DOMAINS))
+                                  disk_dir) for domain in folders.DOMAINS))
 
 
 def load_data(config, shape, disk_dir, monitor_images):
@@ -195,7 +196,7 @@ def load_data(config, shape, disk_dir, monitor_images):
     --val_dir or `monitor_images` of each training domain.
 
     Raises:
-        UserError: as `data_utils.scan_split`, or --mode target_only with a target
+        UserError: as `folders.scan_split`, or --mode target_only with a target
             that has no labels.
     """
     data = TrainingData(*load_split(config.train_dir, config, shape, disk_dir))
@@ -210,7 +211,7 @@ def load_data(config, shape, disk_dir, monitor_images):
         data.val, *data.monitored = load_split(config.val_dir, config, shape, disk_dir,
                                                data.train.class_names, mode)
     else:
-        data.monitored = [DomainImages(data_utils.sample_files(files, monitor_images),
+        data.monitored = [DomainImages(folders.sample_files(files, monitor_images),
                                        shape[:2], shape[2], mode)
                           for files in (data.train.source, data.train.target)]
     return data

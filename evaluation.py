@@ -12,6 +12,7 @@ from sklearn import manifold, metrics
 
 import common_flags
 import data_utils
+import folders
 import models
 import plots
 import run_folder
@@ -76,7 +77,7 @@ def predict_split(model, split, batch_size=EVAL_BATCH_SIZE):
 
 
 def evaluate(model, split, batch_size=EVAL_BATCH_SIZE):
-    """The report of `model` on a scanned split (`data_utils.SplitFiles`).
+    """The report of `model` on a scanned split (`folders.SplitFiles`).
 
     Returns:
         A dict; for each domain the split holds, `num_<domain>` and in
@@ -122,10 +123,10 @@ def report_of(predictions, class_names):
              report["average_precision"][domain]) = labelled_figures(
                 labels, probabilities, len(class_names))
             report["per_class"][domain] = dict(zip(class_names, per_class))
-    if len(predictions) == len(data_utils.DOMAINS):
+    if len(predictions) == len(folders.DOMAINS):
         is_target = np.concatenate([np.full(len(predictions[d][1]), d == "target")
-                                    for d in data_utils.DOMAINS])
-        says_target = np.concatenate([predictions[d][2] > 0 for d in data_utils.DOMAINS])
+                                    for d in folders.DOMAINS])
+        says_target = np.concatenate([predictions[d][2] > 0 for d in folders.DOMAINS])
         report["domain_accuracy"] = float(np.mean(says_target == is_target))
         report["domain_confusion"] = metrics.confusion_matrix(
             is_target, says_target, labels=[False, True], normalize="true").tolist()
@@ -137,14 +138,14 @@ def tsne_figure(model, split, path, per_domain=1000, seed=0):
     domain it holds, coloured by domain."""
     features, domains = [], []
     for domain, files in split.domains():
-        files = data_utils.sample_files(files, per_domain, seed)
+        files = folders.sample_files(files, per_domain, seed)
         features.append(predict_features(model, files))
-        domains.append(np.full(len(files), data_utils.DOMAINS.index(domain)))
+        domains.append(np.full(len(files), folders.DOMAINS.index(domain)))
     features = np.concatenate(features)
     embedding = manifold.TSNE(n_components=2, init="pca", random_state=seed,
                               perplexity=min(30.0, (len(features) - 1) / 3)
                               ).fit_transform(features)
-    plots.domain_scatter(embedding, np.concatenate(domains), data_utils.DOMAINS,
+    plots.domain_scatter(embedding, np.concatenate(domains), folders.DOMAINS,
                          f"t-SNE of the features ({model.mode})", path)
 
 
@@ -172,7 +173,7 @@ def write_report(report, predictions, outputs, class_names, label):
         plots.precision_recall(labels, probabilities, class_names, title,
                                outputs[f"pr_{domain}"])
     if "confusion_domain" in outputs:
-        plots.confusion_matrix(report["domain_confusion"], list(data_utils.DOMAINS),
+        plots.confusion_matrix(report["domain_confusion"], list(folders.DOMAINS),
                                f"{label}: domain classifier, normalised by true domain",
                                outputs["confusion_domain"], normalised_only=True)
 

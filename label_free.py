@@ -16,6 +16,7 @@ from sklearn import linear_model, preprocessing
 
 import cache
 import data_utils
+import folders
 import models
 
 SND_TEMPERATURE = 0.05  # Saito et al. (2021)'s default
@@ -29,7 +30,7 @@ def in_content_order(files):
         with open(path, "rb") as handle:
             digests.append(hashlib.sha256(handle.read()).hexdigest())
     order = sorted(range(len(files)), key=digests.__getitem__)
-    return data_utils.DomainFiles([files.paths[i] for i in order],
+    return folders.DomainFiles([files.paths[i] for i in order],
                                   [files.labels[i] for i in order])
 
 
@@ -95,7 +96,7 @@ def reverse_validation(model, source, target, pseudo_labels, recipe):
     shape = model.image_shape
     keras.utils.set_random_seed(recipe["seed"])
     reverse_source = cache.DomainImages(
-        data_utils.DomainFiles(target.paths, list(pseudo_labels)), shape[:2], shape[2])
+        folders.DomainFiles(target.paths, list(pseudo_labels)), shape[:2], shape[2])
     reverse_target = cache.DomainImages(source, shape[:2], shape[2])
     steps = data_utils.steps_per_epoch(len(target), len(source), recipe["batch_size"])
     mean = models.input_mean(model.network, (reverse_source, reverse_target))
@@ -130,7 +131,7 @@ def scores(model, split, recipe=None):
                                                   == labels))
     if split.target is not None:
         target = in_content_order(split.target)
-        target = data_utils.DomainFiles(target.paths, [data_utils.UNLABELLED] * len(target),
+        target = folders.DomainFiles(target.paths, [folders.UNLABELLED] * len(target),
                                         labelled=False)  # never read
         target_features, target_logits = embed(model, target)
         probabilities = special.softmax(target_logits, axis=1)

@@ -22,7 +22,7 @@ import tensorflow as tf
 from absl import logging
 from scipy import special
 
-import data_utils
+import folders
 import label_free
 
 MONITOR_IMAGES = 1000  # per domain, from the training split when there is no val/
@@ -36,15 +36,19 @@ WARNING_NAMES = {"domain": "the features are not being aligned",
 README_SECTION = "see the README's 'Watching a run without target labels'"
 
 
-def predictions(model, images):
-    """(class probabilities, domain logits) of `model` for the images of a
-    `cache.DomainImages`, in their order.
+def forward_pass(model):
+    """`model`'s outputs for a batch of images, compiled once.
 
     A plain forward pass, not Keras's predict: the chief of a multi-worker run calls
     it alone, where a distributed predict would wait for the other workers.
     """
-    forward = tf.function(lambda batch: model(batch, training=False),
-                          reduce_retracing=True)
+    return tf.function(lambda batch: model(batch, training=False),
+                       reduce_retracing=True)
+
+
+def predictions(forward, images):
+    """(class probabilities, domain logits) of a `forward_pass` for the images of a
+    `cache.DomainImages`, in their order."""
     probabilities, domain_logits = [], []
     for batch, _ in images.batches():
         outputs = forward(batch)
@@ -118,16 +122,17 @@ class HealthMonitor(keras.callbacks.Callback):
         super().__init__()
         self.monitored, self.labelled, self.history = monitored, labelled, history
         self.num_epochs, self.mode = num_epochs, mode
-        self.warned = set()
+        self.warned, self.forward = set(), None
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:
             return
-        source, target = (predictions(self.model, images) for images in self.monitored)
+        self.forward = self.forward or forward_pass(self.model)
+        source, target = (predictions(self.forward, images) for images in self.monitored)
         labels = None
         if self.labelled:
             labels = {domain: np.asarray(images.files.labels)
-                      for domain, images in zip(data_utils.DOMAINS, self.monitored)
+                      for domain, images in zip(folders.DOMAINS, self.monitored)
                       if images.files.labelled}
         logs.update(signals(source, target, labels))
         rows = self.history + [{"epoch": epoch + 1, **logs}]

@@ -184,10 +184,11 @@ def main():
 
     with without_start_up_notes():
         import data_utils
+        import folders
 
     train_dir = os.path.join(common_flags.DEFAULT_DATA_DIR, "train")
     try:
-        split = data_utils.scan_split(train_dir)
+        split = folders.scan_split(train_dir)
     except data_utils.UserError as error:
         print(f"error: {error} (python mnist_m.py builds the default data set)",
               file=sys.stderr)

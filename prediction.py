@@ -14,6 +14,7 @@ from scipy import special
 
 import data_utils
 import evaluation
+import folders
 import run_folder
 from file_utils import UserError, write_atomically
 
@@ -35,7 +36,7 @@ def check_output(path, flag):
 def images_to_predict(inputs, channels, skip_bad_images):
     """The images of `inputs` (files and folders) as DomainFiles, in sorted order;
     with `skip_bad_images`, without the files that cannot be decoded (logged)."""
-    files, ignored = data_utils.list_images(inputs)
+    files, ignored = folders.list_images(inputs)
     if ignored:
         logging.info("ignored %d files that are not images", ignored)
     if skip_bad_images:

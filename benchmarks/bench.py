@@ -32,6 +32,7 @@ from absl import app, flags  # noqa: E402
 import common_flags  # noqa: E402
 import data_utils  # noqa: E402
 import evaluation  # noqa: E402
+import folders  # noqa: E402
 import mnist_m  # noqa: E402
 import models  # noqa: E402
 import prediction  # noqa: E402
@@ -159,7 +160,7 @@ def train_path(data_dir, work_dir, epochs, precision="float32"):
     peak_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     with open(os.path.join(model_dir, run_folder.HISTORY_JSON)) as handle:
         history = json.load(handle)
-    split = data_utils.scan_split(os.path.join(data_dir, "train"))
+    split = folders.scan_split(os.path.join(data_dir, "train"))
     images = 2 * BATCH * data_utils.steps_per_epoch(len(split.source), len(split.target),
                                                     BATCH)
     warm_seconds = float(np.median([row["epoch_seconds"] for row in history[1:]]))
@@ -175,11 +176,11 @@ def eval_path(model_dir, test_dir):
         same split with no model, so that evaluation's bound can be read off.
     """
     model = evaluation.load_trained_model(os.path.join(model_dir, run_folder.FINAL_MODEL))
-    split = data_utils.scan_split(test_dir, model.class_names)
+    split = folders.scan_split(test_dir, model.class_names)
     images = len(split.source) + len(split.target)
 
     def decode_split():
-        for domain in data_utils.DOMAINS:
+        for domain in folders.DOMAINS:
             for _ in data_utils.image_batches(getattr(split, domain), model.image_shape[:2],
                                               model.image_shape[2],
                                               evaluation.EVAL_BATCH_SIZE):

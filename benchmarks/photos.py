@@ -92,12 +92,13 @@ def measure_training(data_dir, steps, in_memory):
     """images/s and peak memory of DANN training on the generated images."""
     import cache
     import data_utils
+    import folders
     import models
-    split = data_utils.scan_split(data_dir)
-    files = [getattr(split, domain) for domain in data_utils.DOMAINS]
+    split = folders.scan_split(data_dir)
+    files = [getattr(split, domain) for domain in folders.DOMAINS]
     if in_memory:  # evenly spaced, so both classes are there
         every = [max(1, len(f) // IN_MEMORY_PER_DOMAIN) for f in files]
-        files = [data_utils.DomainFiles(f.paths[::k][:IN_MEMORY_PER_DOMAIN],
+        files = [folders.DomainFiles(f.paths[::k][:IN_MEMORY_PER_DOMAIN],
                                         f.labels[::k][:IN_MEMORY_PER_DOMAIN])
                  for f, k in zip(files, every)]
     mode, reason = cache.choose("memory" if in_memory else "auto", cache.decoded_bytes(

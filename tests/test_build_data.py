@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 import data_utils
+import folders
 import mnist_m
 import mnist_readers
 
@@ -244,7 +245,7 @@ def test_build_writes_the_layout_and_its_record(tmp_path, small_sources):
     out, record = build(tmp_path, small_sources, "a", num_train=30)
     assert record["counts"] == {"train": {"source": 30, "target": 30},
                                 "test": {"source": 12, "target": 12}}
-    split = data_utils.scan_split(os.path.join(out, "train"))
+    split = folders.scan_split(os.path.join(out, "train"))
     assert len(split.source) == len(split.target) == 30
     assert Image.open(split.source.paths[0]).mode == "L"
     assert Image.open(split.target.paths[0]).mode == "RGB"
@@ -259,9 +260,9 @@ def test_num_val_moves_the_last_training_digits_of_both_domains_to_val(tmp_path,
     with_val, record = build(tmp_path, small_sources, "val", num_train=30, num_val=10)
     assert record["counts"]["train"] == {"source": 20, "target": 20}
     assert record["counts"]["val"] == {"source": 10, "target": 10}
-    plain_train = data_utils.scan_split(os.path.join(plain, "train"))
-    train = data_utils.scan_split(os.path.join(with_val, "train"))
-    val = data_utils.scan_split(os.path.join(with_val, "val"))
+    plain_train = folders.scan_split(os.path.join(plain, "train"))
+    train = folders.scan_split(os.path.join(with_val, "train"))
+    val = folders.scan_split(os.path.join(with_val, "val"))
     for domain in ("source", "target"):
         before, after = getattr(plain_train, domain), getattr(train, domain)
         moved = sorted(getattr(val, domain).paths, key=os.path.basename)

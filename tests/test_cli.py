@@ -203,9 +203,10 @@ def test_evaluation_predicts_what_the_model_computes_image_by_image(trained_run,
                                                                     tiny_data):
     import data_utils
     import evaluation
+    import folders
 
     model = evaluation.load_trained_model(os.path.join(trained_run, "model.keras"))
-    files = data_utils.scan_split(os.path.join(tiny_data, "test")).target
+    files = folders.scan_split(os.path.join(tiny_data, "test")).target
     # 24 images in batches of 2, 8 batches per call: two full calls and a partial one.
     class_logits, domain_logits = evaluation.predict_domain(model, files, batch_size=2)
     images = np.stack([data_utils.decode_image(path, (28, 28), 3).numpy()
@@ -256,11 +257,13 @@ def test_replaying_flags_txt_from_elsewhere_gives_the_same_weights(tiny_data, tm
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("script", ["train.py", "eval.py", "mnist_m.py"])
+@pytest.mark.parametrize("script", ["train.py", "eval.py", "predict.py", "export.py",
+                                    "mnist_m.py"])
 def test_help_lists_the_commands_own_flags_and_exits_0(script):
     result = run_script(script, "--help")
     assert result.returncode == 0
-    own = {"train.py": "--gamma", "eval.py": "--tsne", "mnist_m.py": "--mnistm_path"}
+    own = {"train.py": "--gamma", "eval.py": "--tsne", "predict.py": "--features",
+           "export.py": "saved_model/", "mnist_m.py": "--mnistm_path"}
     assert all((flag in result.stdout) == (name == script) for name, flag in own.items())
 
 
@@ -307,6 +310,7 @@ def test_eval_of_a_checkpoint_keeps_the_final_models_report(trained_run, tiny_da
 def test_eval_of_a_checkpoint_reports_its_exact_accuracy(trained_run, tiny_data):
     import data_utils
     import evaluation
+    import folders
 
     checkpoint = os.path.join("checkpoints", "ckpt-00000006.keras")
     result = run_script("eval.py", f"--model_dir={trained_run}",
@@ -316,7 +320,7 @@ def test_eval_of_a_checkpoint_reports_its_exact_accuracy(trained_run, tiny_data)
                                          "eval_report-ckpt-00000006.json")))
     assert report["model"] == os.path.join(trained_run, checkpoint)
     model = evaluation.load_trained_model(report["model"])
-    split = data_utils.scan_split(os.path.join(tiny_data, "test"))
+    split = folders.scan_split(os.path.join(tiny_data, "test"))
     for domain in ("source", "target"):
         files = getattr(split, domain)
         images = np.stack([data_utils.decode_image(p, (28, 28), 3).numpy()
@@ -328,6 +332,7 @@ def test_eval_of_a_checkpoint_reports_its_exact_accuracy(trained_run, tiny_data)
 
 def test_flags_are_checked_before_tensorflow_loads(tmp_path):
     for script, flag in (("train.py", "--batch_size=0"), ("eval.py", "--tsne=maybe"),
+                         ("predict.py", "--skip_bad_images=maybe"),
                          ("mnist_m.py", "--num_test=-1")):
         result = subprocess.run(
             [sys.executable, "-X", "importtime", os.path.join(REPO, script), flag],
@@ -342,8 +347,9 @@ def test_importing_the_library_defines_and_reads_no_flag():
     # TensorFlow defines absl flags of its own when it loads: count only ours.
     code = ("from absl import flags, logging; import keras, tensorflow; "
             "before = set(flags.FLAGS); "
-            "import common_flags, data_utils, evaluation, mnist_m, mnist_readers, "
-            "models, plots, training; print(sorted(set(flags.FLAGS) - before))")
+            "import common_flags, data_utils, evaluation, exporting, folders, mnist_m, "
+            "mnist_readers, models, monitor, plots, prediction, training; "
+            "print(sorted(set(flags.FLAGS) - before))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True,
                             text=True, cwd=REPO, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -14,11 +14,12 @@ import tensorflow as tf
 import cache
 import data_utils
 import file_utils
+import folders
 from conftest import unlabel_target, write_split
 
 
 def test_scan_split_lists_sorted_classes_and_matching_labels(tiny_data):
-    split = data_utils.scan_split(os.path.join(tiny_data, "train"))
+    split = folders.scan_split(os.path.join(tiny_data, "train"))
     assert split.class_names == ["class_0", "class_1", "class_2"]
     assert len(split.source) == len(split.target) == 48
     for files in (split.source, split.target):
@@ -29,7 +30,7 @@ def test_scan_split_lists_sorted_classes_and_matching_labels(tiny_data):
 def test_scan_split_counts_and_ignores_files_that_are_not_images(tmp_path):
     root = write_split(tmp_path / "split", per_class=2)
     (tmp_path / "split" / "source" / "class_0" / "notes.txt").write_text("x")
-    split = data_utils.scan_split(root)
+    split = folders.scan_split(root)
     assert split.ignored_files == 1
     assert len(split.source) == 6
 
@@ -46,18 +47,18 @@ def test_scan_split_rejects_broken_layouts(tmp_path, breakage, message):
     root = write_split(tmp_path / "split", per_class=2)
     breakage(root)
     with pytest.raises(data_utils.UserError, match=message):
-        data_utils.scan_split(root)
+        folders.scan_split(root)
 
 
 @pytest.mark.parametrize("layout", ["flat", "nested"])
 def test_a_target_without_class_folders_is_read_unlabelled(tmp_path, layout):
     root = unlabel_target(write_split(tmp_path / "split", per_class=2), layout)
     (tmp_path / "split" / "target" / "notes.txt").write_text("x")
-    split = data_utils.scan_split(root)
+    split = folders.scan_split(root)
     assert split.class_names == ["class_0", "class_1", "class_2"]
     assert split.source.labelled and not split.target.labelled
     assert len(split.target) == 6 and split.target.paths == sorted(split.target.paths)
-    assert set(split.target.labels) == {data_utils.UNLABELLED}
+    assert set(split.target.labels) == {folders.UNLABELLED}
     assert split.ignored_files == 1
 
 
@@ -70,7 +71,7 @@ def test_a_target_that_mixes_both_layouts_is_refused(tmp_path, mix):
     os.makedirs(os.path.dirname(extra), exist_ok=True)
     shutil.copy(source, extra)
     with pytest.raises(data_utils.UserError, match="only partly .*use one layout"):
-        data_utils.scan_split(root)
+        folders.scan_split(root)
 
 
 def test_an_unlabelled_target_without_images_is_refused(tmp_path):
@@ -78,26 +79,26 @@ def test_an_unlabelled_target_without_images_is_refused(tmp_path):
     shutil.rmtree(os.path.join(root, "target"))
     os.makedirs(os.path.join(root, "target", "empty"))
     with pytest.raises(data_utils.UserError, match="target holds no images"):
-        data_utils.scan_split(root)
+        folders.scan_split(root)
 
 
 def test_a_split_of_one_domain_is_read_where_allowed(tmp_path):
     root = unlabel_target(write_split(tmp_path / "split", per_class=2), "flat")
     shutil.rmtree(os.path.join(root, "source"))
     with pytest.raises(data_utils.UserError, match="source is missing"):
-        data_utils.scan_split(root)
+        folders.scan_split(root)
     classes = ["class_0", "class_1", "class_2"]
-    split = data_utils.scan_split(root, classes, required=())
+    split = folders.scan_split(root, classes, required=())
     assert split.source is None and [d for d, _ in split.domains()] == ["target"]
     with pytest.raises(data_utils.UserError, match="neither|is missing"):
-        data_utils.scan_split(str(tmp_path), classes, required=())
+        folders.scan_split(str(tmp_path), classes, required=())
 
 
 def test_list_images_reads_files_and_folders_recursively_in_sorted_order(tmp_path):
     root = write_split(tmp_path / "split", per_class=2)
     (tmp_path / "split" / "source" / "notes.txt").write_text("x")
     one = os.path.join(root, "target", "class_1", "00000.png")
-    files, ignored = data_utils.list_images([os.path.join(root, "source"), one, one])
+    files, ignored = folders.list_images([os.path.join(root, "source"), one, one])
     assert files.paths == sorted(files.paths) and len(files) == 7 and ignored == 1
     assert not files.labelled and one in files.paths
     for paths, message in (([str(tmp_path / "nope.png")], "does not exist"),
@@ -106,25 +107,25 @@ def test_list_images_reads_files_and_folders_recursively_in_sorted_order(tmp_pat
                            ([str(tmp_path / "split" / "source" / "class_0" / "x")],
                             "does not exist")):
         with pytest.raises(data_utils.UserError, match=message):
-            data_utils.list_images(paths)
+            folders.list_images(paths)
     os.makedirs(tmp_path / "empty")
     with pytest.raises(data_utils.UserError, match="no images"):
-        data_utils.list_images([str(tmp_path / "empty")])
+        folders.list_images([str(tmp_path / "empty")])
 
 
 def test_scan_split_rejects_a_missing_folder(tmp_path):
     with pytest.raises(data_utils.UserError, match="is not a folder"):
-        data_utils.scan_split(str(tmp_path / "nope"))
+        folders.scan_split(str(tmp_path / "nope"))
 
 
 def test_scan_split_requires_the_training_classes(tmp_path):
     root = write_split(tmp_path / "split", per_class=2, num_classes=2)
     with pytest.raises(data_utils.UserError, match="missing class_2"):
-        data_utils.scan_split(root, ["class_0", "class_1", "class_2"])
+        folders.scan_split(root, ["class_0", "class_1", "class_2"])
 
 
 def test_decoded_batches_give_uint8_images_of_the_requested_shape(tiny_data):
-    split = data_utils.scan_split(os.path.join(tiny_data, "train"))
+    split = folders.scan_split(os.path.join(tiny_data, "train"))
     for channels in (1, 3):
         data = data_utils.decoded_batches(split.source, (20, 24), channels).unbatch()
         image, label = next(iter(data))
@@ -133,7 +134,7 @@ def test_decoded_batches_give_uint8_images_of_the_requested_shape(tiny_data):
 
 
 def test_grayscale_source_is_repeated_to_three_channels(tiny_data):
-    split = data_utils.scan_split(os.path.join(tiny_data, "train"))
+    split = folders.scan_split(os.path.join(tiny_data, "train"))
     image, _ = next(iter(data_utils.decoded_batches(split.source, (28, 28), 3).unbatch()))
     image = image.numpy()
     np.testing.assert_array_equal(image[..., 0], image[..., 1])
@@ -149,7 +150,7 @@ def _decoded_one_by_one(files, image_size):
 def test_batched_decoding_keeps_file_order_and_labels(tiny_data, monkeypatch,
                                                       image_size):
     monkeypatch.setattr(data_utils, "DECODE_BATCH", 5)  # 48 files: a partial last batch
-    files = data_utils.scan_split(os.path.join(tiny_data, "train")).source
+    files = folders.scan_split(os.path.join(tiny_data, "train")).source
     decoded = list(data_utils.decoded_batches(files, image_size, 3).as_numpy_iterator())
     assert [len(labels) for _, labels in decoded] == [5] * 9 + [3]
     expected = _decoded_one_by_one(files, image_size)
@@ -178,7 +179,7 @@ def _take(dataset, steps):
 
 
 def test_training_batches_pair_both_domains_with_labels_of_one_domain(tiny_data):
-    split = data_utils.scan_split(os.path.join(tiny_data, "train"))
+    split = folders.scan_split(os.path.join(tiny_data, "train"))
     source, target = _domains(split)
     for labelled in ("source", "target"):
         batch = _take(data_utils.training_dataset(source, target, labelled, 8, 0), 1)[0]
@@ -193,7 +194,7 @@ def test_training_batches_pair_both_domains_with_labels_of_one_domain(tiny_data)
 
 
 def test_training_stream_resumed_after_k_steps_continues_the_same_batches(tiny_data):
-    split = data_utils.scan_split(os.path.join(tiny_data, "train"))
+    split = folders.scan_split(os.path.join(tiny_data, "train"))
     source, target = _domains(split)
     full = _take(data_utils.training_dataset(source, target, "source", 10, 3), 12)
     resumed = _take(data_utils.training_dataset(source, target, "source", 10, 3, 7), 5)
@@ -206,7 +207,7 @@ def test_training_stream_resumed_after_k_steps_continues_the_same_batches(tiny_d
 
 @pytest.mark.parametrize("mode", ["disk", "none"])
 def test_every_cache_mode_streams_the_memory_modes_batches(tiny_data, tmp_path, mode):
-    split = data_utils.scan_split(os.path.join(tiny_data, "train"))
+    split = folders.scan_split(os.path.join(tiny_data, "train"))
     in_memory = _domains(split)
     streamed = _domains(split, mode, str(tmp_path / "cache"))
     for skip in (0, 5):
@@ -220,7 +221,7 @@ def test_every_cache_mode_streams_the_memory_modes_batches(tiny_data, tmp_path, 
 
 
 def test_augmented_stream_depends_on_the_seed_only_and_resumes_exactly(tiny_data):
-    split = data_utils.scan_split(os.path.join(tiny_data, "train"))
+    split = folders.scan_split(os.path.join(tiny_data, "train"))
     source, target = _domains(split)
 
     def stream(seed, skip=0):
@@ -254,7 +255,7 @@ def test_auto_cache_keeps_in_memory_what_fits_in_a_quarter(decoded, memory, chos
 
 
 def test_every_image_appears_once_per_pass(tiny_data):
-    split = data_utils.scan_split(os.path.join(tiny_data, "train"))
+    split = folders.scan_split(os.path.join(tiny_data, "train"))
     source, target = _domains(split)
     batches = _take(data_utils.training_dataset(source, target, "source", 8, 0), 6)
     labels = np.concatenate([b["labels"] for b in batches])
@@ -282,7 +283,7 @@ def test_write_atomically_keeps_the_old_file_when_writing_fails(tmp_path):
 
 
 def test_no_pipeline_runs_tf_data_autotuning(tiny_data):
-    split = data_utils.scan_split(os.path.join(tiny_data, "train"))
+    split = folders.scan_split(os.path.join(tiny_data, "train"))
     decoded = data_utils.decoded_batches(split.source, (28, 28), 3)
     pipelines = [
         decoded,
@@ -309,7 +310,7 @@ def test_labels_belong_to_the_labelled_domains_images_with_unequal_domains(tmp_p
                                                                           labelled):
     _label_coded_domain(str(tmp_path), "source", 16, offset=0)
     _label_coded_domain(str(tmp_path), "target", 5, offset=100)
-    split = data_utils.scan_split(str(tmp_path))
+    split = folders.scan_split(str(tmp_path))
     source, target = _domains(split)
     steps = data_utils.steps_per_epoch(48, 15, 8)
     batches = _take(data_utils.training_dataset(source, target, labelled, 8, 0), steps)

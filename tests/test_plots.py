@@ -4,7 +4,7 @@ import os
 
 from PIL import Image
 
-import data_utils
+import folders
 import plots
 
 
@@ -20,7 +20,7 @@ def test_architecture_diagram(tmp_path):
 
 
 def test_sample_grid_shows_both_domains(tiny_data, tmp_path):
-    split = data_utils.scan_split(os.path.join(tiny_data, "train"))
+    split = folders.scan_split(os.path.join(tiny_data, "train"))
     plots.sample_grid(split, str(tmp_path / "samples.png"))
     assert_png(str(tmp_path / "samples.png"), 200)
 

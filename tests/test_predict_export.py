@@ -87,12 +87,13 @@ def test_predictions_are_eval_pys(predicted, cropped_run, tiny_data):
     for label, row in zip(labels, rows):
         matrix[label, CLASSES.index(row["predicted_class"])] += 1
     assert matrix.tolist() == report["confusion"]["target"]
-    import data_utils
-    import evaluation
     from scipy import special
 
+    import evaluation
+    import folders
+
     model = evaluation.load_trained_model(os.path.join(cropped_run, "model.keras"))
-    files = data_utils.scan_split(os.path.join(tiny_data, "test")).target
+    files = folders.scan_split(os.path.join(tiny_data, "test")).target
     class_logits, domain_logits = evaluation.predict_domain(model, files)
     np.testing.assert_allclose(probabilities(rows), special.softmax(class_logits, axis=1),
                                rtol=1e-7, atol=1e-9)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import data_utils
+import folders
 import run_folder
 import training
 from file_utils import DiskFull, UserError
@@ -31,7 +32,7 @@ def _weights(model_dir, name="model.keras"):
 
 
 def _permute_labels(monkeypatch, domain):
-    original = data_utils.scan_split
+    original = folders.scan_split
 
     def scan_with_permuted_labels(split_dir, class_names=None, *args):
         split = original(split_dir, class_names, *args)
