@@ -215,13 +215,11 @@ def run(model_dir, test_dir, weights_fname=None, skip_bad_images=False, tsne=Fal
     """Evaluates a model of the run in `model_dir` on `test_dir`; writes the report.
 
     `test_dir` may hold both domains or one; a target without labels gets no
-    accuracy. The report and figures go to `run_folder.eval_folder` (one folder per
-    split), a checkpoint's carrying its name (`weights_fname`, see
-    `run_folder.model_to_evaluate`); files an earlier evaluation of the same model and
-    split left there that this one does not write (a t-SNE, say) are removed, so all
-    beside a report is its own. With `tsne`, also draws a t-SNE of the features of up
-    to 1,000 images per domain. With `label_free` (or `reverse_validation`, which adds
-    the score that trains a model), adds `label_free_scores` (see label_free.py).
+    accuracy. Outputs go to `run_folder.eval_folder`, a checkpoint's (`weights_fname`)
+    carrying its name; what an earlier evaluation of the same model and split left
+    there and this one does not write is removed. With `tsne`, also draws a t-SNE of
+    up to 1,000 images per domain; with `label_free` (or `reverse_validation`, which
+    trains a model), adds `label_free_scores` (see label_free.py).
 
     Returns:
         The report (a dict); its `outputs` lists the files written.
@@ -249,7 +247,13 @@ def run(model_dir, test_dir, weights_fname=None, skip_bad_images=False, tsne=Fal
         if label_free or reverse_validation:
             report["label_free_scores"] = label_free_scores(model, split, recipe)
     write_report(report, predictions, outputs, split.class_names, model.mode)
-    for stale in set(every_output.values()) - set(outputs.values()):
-        if os.path.exists(stale):
-            os.remove(stale)
+    remove_stale(set(every_output.values()) - set(outputs.values()))
     return report
+
+
+def remove_stale(paths):
+    """Removes those of `paths` an earlier evaluation left: everything beside a
+    report belongs to it."""
+    for path in paths:
+        if os.path.exists(path):
+            os.remove(path)

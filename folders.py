@@ -153,6 +153,23 @@ def _scan_target(target_dir, class_names):
     return _scan_class_folders(target_dir, class_names, UNLABELLED_HINT)
 
 
+def _domain_folders(split_dir, required):
+    """{domain: folder} of the domains a split folder holds, all of `required` (or,
+    with none required, at least one)."""
+    if not os.path.isdir(split_dir):
+        raise UserError(f"{split_dir} is not a folder: pass a folder holding "
+                        "source/<class>/ and target/ image folders")
+    present = {domain: os.path.join(split_dir, domain) for domain in DOMAINS
+               if os.path.isdir(os.path.join(split_dir, domain))}
+    missing = [domain for domain in DOMAINS if domain in required
+               and domain not in present] or (
+        [] if present else list(DOMAINS))
+    if missing:
+        raise UserError(f"{os.path.join(split_dir, missing[0])} is missing: a split "
+                        "folder needs source/<class>/ and target/ image folders")
+    return present
+
+
 def scan_split(split_dir, class_names=None, required=DOMAINS):
     """Lists and validates the images of a split folder.
 
@@ -172,24 +189,14 @@ def scan_split(split_dir, class_names=None, required=DOMAINS):
             folders differ from `class_names`, a class folder has no images, or the
             target matches the source's class folders only partly.
     """
-    if not os.path.isdir(split_dir):
-        raise UserError(f"{split_dir} is not a folder: pass a folder holding "
-                        "source/<class>/ and target/ image folders")
-    present = {domain: os.path.join(split_dir, domain) for domain in DOMAINS
-               if os.path.isdir(os.path.join(split_dir, domain))}
-    missing = [domain for domain in required if domain not in present] or (
-        [] if present else list(DOMAINS))
-    if missing:
-        raise UserError(f"{os.path.join(split_dir, missing[0])} is missing: a split "
-                        "folder needs source/<class>/ and target/ image folders")
-    files, ignored = {domain: None for domain in DOMAINS}, 0
+    # Without `class_names`, the source's class folders name the classes.
+    present = _domain_folders(split_dir, set(required) | (
+        set() if class_names is not None else {"source"}))
+    files, ignored = dict.fromkeys(DOMAINS), 0
     if "source" in present:
         class_names, files["source"], ignored = _scan_source(present["source"],
                                                              class_names)
     if "target" in present:
-        if class_names is None:
-            raise UserError(f"{present['source']} is missing: the source's class "
-                            "folders name the classes")
         files["target"], ignored_target = _scan_target(present["target"], class_names)
         ignored += ignored_target
     return SplitFiles(split_dir, list(class_names), files["source"], files["target"],

@@ -86,9 +86,9 @@ def run(model_dir, inputs, output=None, weights_fname=None, features=None,
         `outputs` (the files written).
     """
     output = output or os.path.join(model_dir, PREDICTIONS_CSV)
-    check_output(output, "--output")
-    if features:
-        check_output(features, "--features")
+    for path, flag in ((output, "--output"), (features, "--features")):
+        if path:
+            check_output(path, flag)
     model = evaluation.load_trained_model(run_folder.model_to_evaluate(model_dir,
                                                                        weights_fname))
     files = images_to_predict(inputs, model.image_shape[2], skip_bad_images)
@@ -103,9 +103,13 @@ def run(model_dir, inputs, output=None, weights_fname=None, features=None,
         if features:
             shared = evaluation.predict_features(model, files)
             write_atomically(features, lambda handle: np.save(handle, shared), mode="wb")
-    counts = np.bincount(np.argmax(probabilities, axis=1),
-                         minlength=len(model.class_names))
-    return {"images": len(files), "seconds": seconds,
-            "images_per_second": len(files) / seconds,
-            "class_counts": dict(zip(model.class_names, counts.tolist())),
-            "outputs": [output] + ([features] if features else [])}
+    return summary(len(files), probabilities, seconds, model.class_names,
+                   [path for path in (output, features) if path])
+
+
+def summary(num_images, probabilities, seconds, class_names, outputs):
+    """What `run` returns."""
+    counts = np.bincount(np.argmax(probabilities, axis=1), minlength=len(class_names))
+    return {"images": num_images, "seconds": seconds,
+            "images_per_second": num_images / seconds,
+            "class_counts": dict(zip(class_names, counts.tolist())), "outputs": outputs}
