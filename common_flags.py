@@ -48,10 +48,14 @@ SKIP_BAD_IMAGES = Setting(False, "Leave out image files that cannot be decoded "
                           "names the first one.")
 DATA = {
     "train_dir": Setting(os.path.join(DEFAULT_DATA_DIR, "train"), "Training split: a "
-                         "folder with source/<class>/ and target/<class>/ images."),
-    "val_dir": Setting(None, "Optional split evaluated after every epoch (source, target "
-                       "and domain accuracy), for logging only, never for choosing a "
-                       "checkpoint."),
+                         "folder with source/<class>/ images and target/ images, "
+                         "unlabelled (any sub-folders not named after a class) or in "
+                         "target/<class>/."),
+    "val_dir": Setting(None, "Optional split of the same layout, predicted after every "
+                       "epoch for the health signals and accuracies in history.csv "
+                       "(the target's only where it has labels); never used to choose a "
+                       "checkpoint. Without it, a fixed sample of the training split is "
+                       "watched."),
     "img_width": Setting(0, "Image width; other sizes are resized (0: the model's own, "
                          "28 for the digit networks, 224 for resnet50).", "at least 0"),
     "img_height": Setting(0, "Image height; other sizes are resized (0: the model's own, "
@@ -138,11 +142,13 @@ TRAIN = {**DATA, **NETWORK, **RUN, **OPTIMISATION}
 EVAL = {
     "model_dir": MODEL_DIR,
     "test_dir": Setting(os.path.join(DEFAULT_DATA_DIR, "test"), "Split to evaluate: a "
-                        "folder with source/<class>/ and target/<class>/ images."),
+                        "folder with source/<class>/ and/or target/ images (a target "
+                        "without class folders gets no accuracy); the report goes to "
+                        "MODEL_DIR/eval/<its name>/."),
     "weights_fname": WEIGHTS_FNAME,
     "skip_bad_images": SKIP_BAD_IMAGES,
-    "tsne": Setting(False, "Also draw tsne.png, a t-SNE of the features of 1,000 source "
-                    "and 1,000 target test images coloured by domain."),
+    "tsne": Setting(False, "Also draw tsne.png, a t-SNE of the features of up to 1,000 "
+                    "images of each domain, coloured by domain."),
     "label_free": Setting(False, "Also score the model without target labels "
                           "(source_accuracy, target_entropy, snd, dev; higher is better) "
                           "into the report's label_free_scores; use a validation split "

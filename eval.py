@@ -2,9 +2,9 @@
 
     python eval.py --model_dir runs/dann --test_dir DATA/test
 
-Prints per-domain label accuracy and the domain classifier's accuracy, and writes
-eval_report.json, confusion_source.png and confusion_target.png (with --tsne,
-tsne.png) into --model_dir; a checkpoint's outputs carry its name.
+Prints per-domain label accuracy (where a domain has labels) and what the domain
+classifier recognises, and writes eval_report.json and its figures (with --tsne,
+tsne.png) into MODEL_DIR/eval/<split name>/; a checkpoint's outputs carry its name.
 The flags are checked before TensorFlow loads; `evaluation.run` does the work.
 """
 

@@ -18,7 +18,6 @@ import evaluation
 import run_folder
 from file_utils import DiskFull, UserError
 
-EXPORT_DIR = "export"
 SAVED_MODEL = "saved_model"
 TFLITE_FILE = "model.tflite"
 CLASS_NAMES_FILE = "class_names.txt"
@@ -61,6 +60,9 @@ def replace_folder(folder, write):
     parent = os.path.dirname(os.path.abspath(folder))
     os.makedirs(parent, exist_ok=True)
     temporary = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary, 0o777 & ~umask)  # mkdtemp's 0700 would hide it from a server
     previous = f"{temporary}-previous"
     try:
         write(temporary)
@@ -83,7 +85,7 @@ def export(model_dir, weights_fname=None, output=None):
     Returns:
         {"saved_model", "tflite", "class_names"}: the paths written.
     """
-    output = output or os.path.join(model_dir, EXPORT_DIR)
+    output = output or os.path.join(model_dir, run_folder.EXPORT_DIR)
     if os.path.exists(output) and not os.path.isdir(output):
         raise UserError(f"--output {output} is a file: pass a folder")
     model = evaluation.load_trained_model(run_folder.model_to_evaluate(model_dir,

@@ -53,16 +53,22 @@ def training_curves(history, path):
     for axis, (title, keys) in zip(axes, CURVE_PANELS):
         for key in keys:
             _plot_column(axis, epochs, history, key)
+        legend_axis = axis
         if title in SECOND_AXIS:
             second = axis.twinx()
             if _plot_column(second, epochs, history, SECOND_AXIS[title], colour="C3"):
-                second.legend(fontsize=8, loc="lower right")
                 second.set_ylabel(SECOND_AXIS[title])
+                legend_axis = second  # drawn above both axes' lines
+        handles, labels = axis.get_legend_handles_labels()
+        if legend_axis is not axis:
+            more_handles, more_labels = legend_axis.get_legend_handles_labels()
+            handles, labels = handles + more_handles, labels + more_labels
+        if handles:
+            legend_axis.legend(handles, labels, fontsize=8)
         axis.set_title(title, fontsize=10)
         axis.set_xlabel("epoch")
         axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
     save_figure(figure, path)
 
 

@@ -4,7 +4,7 @@ The images go through evaluation's own path (`evaluation.predict_domain`), so a
 prediction here is eval.py's prediction for the same image and model.
 """
 
-import csv
+import io
 import os
 import time
 
@@ -18,19 +18,24 @@ import folders
 import run_folder
 from file_utils import UserError, write_atomically
 
-PREDICTIONS_CSV = "predictions.csv"
-
 
 def check_output(path, flag):
-    """Refuses an output path that is a folder; makes its folder where missing."""
+    """Refuses, before any work, an output path that is a folder or lies under a
+    file."""
     if os.path.isdir(path):
         raise UserError(f"{flag} {path} is a folder: pass a file name inside it")
     folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as error:
-        raise UserError(f"{flag} {path}: cannot create its folder {folder} "
-                        f"({error.strerror}): pass a writable path") from None
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise UserError(f"{flag} {path}: {folder} is a file, not a folder: pass "
+                        "another path")
+
+
+def write_atomically_into_folder(path, write, mode="w"):
+    """`write_atomically`, making the file's folder first where it is missing."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_atomically(path, write, mode)
 
 
 def images_to_predict(inputs, channels, skip_bad_images):
@@ -45,26 +50,36 @@ def images_to_predict(inputs, channels, skip_bad_images):
     return files
 
 
-def rows(paths, class_names, probabilities, domain_logits):
-    """The CSV's header and rows: path, predicted class, its probability, one
-    probability per class, and the probability that the image is a target image."""
+def csv_field(text):
+    """`text` as one CSV field, quoted where it holds a comma, quote or line break."""
+    if any(character in text for character in ',"\n\r'):
+        return '"' + text.replace('"', '""') + '"'
+    return text
+
+
+def write_csv(path, paths, class_names, probabilities, domain_logits):
+    """The CSV, a row per image: path, predicted class, its probability, one
+    probability per class, and the probability that the image is a target image.
+
+    The numbers are formatted by NumPy, a block at a time: row by row in Python took
+    about a tenth of the time of predicting the images.
+    """
     header = ["path", "predicted_class", "probability",
               *(f"probability_{name}" for name in class_names),
               "target_domain_probability"]
     predicted = np.argmax(probabilities, axis=1)
-    target = special.expit(domain_logits)
-    body = ([path, class_names[k], f"{p[k]:.9g}", *(f"{v:.9g}" for v in p), f"{t:.9g}"]
-            for path, k, p, t in zip(paths, predicted, probabilities, target))
-    return header, body
+    numbers = np.column_stack([probabilities.max(axis=1), probabilities,
+                               special.expit(domain_logits)])
+    block = io.StringIO()
+    np.savetxt(block, numbers, fmt="%.9g", delimiter=",")
+    names = [csv_field(name) for name in class_names]
 
-
-def write_csv(path, header, body):
     def write(handle):
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(body)
+        handle.write(",".join(map(csv_field, header)) + "\n")
+        for image, k, line in zip(paths, predicted, block.getvalue().splitlines()):
+            handle.write(f"{csv_field(image)},{names[k]},{line}\n")
 
-    write_atomically(path, write)
+    write_atomically_into_folder(path, write)
 
 
 def run(model_dir, inputs, output=None, weights_fname=None, features=None,
@@ -82,34 +97,40 @@ def run(model_dir, inputs, output=None, weights_fname=None, features=None,
         verbose: Keras's progress output: 1 a live bar, 2 one line, 0 none.
 
     Returns:
-        A summary dict: `images`, `seconds`, `images_per_second`, `class_counts`,
-        `outputs` (the files written).
+        As `predict_files`.
     """
-    output = output or os.path.join(model_dir, PREDICTIONS_CSV)
+    output = output or os.path.join(model_dir, run_folder.PREDICTIONS_CSV)
     for path, flag in ((output, "--output"), (features, "--features")):
         if path:
             check_output(path, flag)
     model = evaluation.load_trained_model(run_folder.model_to_evaluate(model_dir,
                                                                        weights_fname))
     files = images_to_predict(inputs, model.image_shape[2], skip_bad_images)
+    return predict_files(model, files, output, features, verbose)
+
+
+def predict_files(model, files, output, features=None, verbose=0):
+    """Writes the CSV of `model`'s predictions for `files` (DomainFiles), and with
+    `features` the .npy of their shared features.
+
+    Returns:
+        A summary dict: `images`, `seconds` (predicting and writing the CSV),
+        `images_per_second`, `class_counts`, `outputs` (the files written).
+    """
     with data_utils.naming_unreadable([("--input", files)], model.image_shape[2]):
         started = time.perf_counter()
         class_logits, domain_logits = evaluation.predict_domain(model, files,
                                                                 verbose=verbose)
         probabilities = special.softmax(class_logits, axis=-1)
-        write_csv(output, *rows(files.paths, model.class_names, probabilities,
-                                domain_logits))
+        write_csv(output, files.paths, model.class_names, probabilities, domain_logits)
         seconds = time.perf_counter() - started
         if features:
             shared = evaluation.predict_features(model, files)
-            write_atomically(features, lambda handle: np.save(handle, shared), mode="wb")
-    return summary(len(files), probabilities, seconds, model.class_names,
-                   [path for path in (output, features) if path])
-
-
-def summary(num_images, probabilities, seconds, class_names, outputs):
-    """What `run` returns."""
-    counts = np.bincount(np.argmax(probabilities, axis=1), minlength=len(class_names))
-    return {"images": num_images, "seconds": seconds,
-            "images_per_second": num_images / seconds,
-            "class_counts": dict(zip(class_names, counts.tolist())), "outputs": outputs}
+            write_atomically_into_folder(features, lambda handle: np.save(handle, shared),
+                                         "wb")
+    counts = np.bincount(np.argmax(probabilities, axis=1),
+                         minlength=len(model.class_names))
+    return {"images": len(files), "seconds": seconds,
+            "images_per_second": len(files) / seconds,
+            "class_counts": dict(zip(model.class_names, counts.tolist())),
+            "outputs": [path for path in (output, features) if path]}

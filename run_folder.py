@@ -33,8 +33,11 @@ EVAL_DIR = "eval"
 # What eval.py wrote into the run folder itself before it wrote into EVAL_DIR.
 EVAL_PATTERNS = ("eval_report*.json", "confusion_*.png", "pr_*.png", "tsne*.png")
 DECODED_CACHE_DIR = "decoded_cache"  # --cache disk
+PREDICTIONS_CSV = "predictions.csv"  # predict.py's default --output
+EXPORT_DIR = "export"  # export.py's default --output
 RUN_FILES = (FINAL_MODEL, FLAGS_FILE, CHECKPOINT_DIR, HISTORY_CSV, HISTORY_JSON,
-             CURVES_PNG, "logs", DECODED_CACHE_DIR, EVAL_DIR)
+             CURVES_PNG, "logs", DECODED_CACHE_DIR, EVAL_DIR, PREDICTIONS_CSV,
+             EXPORT_DIR)
 
 
 def checkpoint_path(model_dir, step):

@@ -1,6 +1,6 @@
 """Trains DANN (or a source-only / target-only baseline) on two-domain image folders.
 
-    python train.py --train_dir DATA/train --val_dir DATA/test --model_dir runs/dann
+    python train.py --train_dir DATA/train --val_dir DATA/val --model_dir runs/mine
 
 With no flags it trains on MNIST -> MNIST-M, building that data set first if needed.
 The flags are checked before TensorFlow loads; `training.run` does the work.

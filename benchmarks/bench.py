@@ -196,13 +196,14 @@ def eval_path(model_dir, test_dir):
 
 
 def predict_path(model_dir, target_dir, work_dir):
-    """Images/s of predict.py's work on the test target (a folder read recursively):
-    listing, decoding, predicting and writing the CSV; model loading not counted.
-    The first call compiles the predict function, as in `eval_path`."""
+    """Images/s of predict.py's work on the test target, a folder read recursively:
+    decoding, predicting and writing the CSV; listing the files and loading the model
+    not counted. A first call compiles the predict function, as in `eval_path`."""
+    model = evaluation.load_trained_model(os.path.join(model_dir, run_folder.FINAL_MODEL))
+    files = prediction.images_to_predict([target_dir], model.image_shape[2], False)
     output = os.path.join(work_dir, "predictions.csv")
-    prediction.run(model_dir, [target_dir], output)
-    summary = prediction.run(model_dir, [target_dir], output)
-    return summary["images_per_second"]
+    prediction.predict_files(model, files, output)
+    return prediction.predict_files(model, files, output)["images_per_second"]
 
 
 def build_seconds(output_dir, **limits):
