@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from sklearn import metrics  # noqa: E402
 
-from file_utils import save_atomically, without_start_up_notes  # noqa: E402
+from file_utils import save_atomically  # noqa: E402
 
 CURVE_PANELS = (
     ("losses", ("label_loss", "domain_loss")),
@@ -188,14 +188,12 @@ def main():
     """Draws the README's figures in img/: the architecture and a sample grid."""
     import common_flags  # defines no flag: the default paths only
 
-    with without_start_up_notes():
-        import data_utils
-        import folders
+    import folders  # loads no TensorFlow
 
     train_dir = os.path.join(common_flags.DEFAULT_DATA_DIR, "train")
     try:
         split = folders.scan_split(train_dir)
-    except data_utils.UserError as error:
+    except folders.UserError as error:
         print(f"error: {error} (python mnist_m.py builds the default data set)",
               file=sys.stderr)
         sys.exit(2)

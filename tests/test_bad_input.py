@@ -150,7 +150,7 @@ def test_an_existing_run_is_refused_before_the_default_data_is_built(existing_ru
 
 
 def test_plots_py_without_the_default_data_is_one_clear_line(tmp_path):
-    for name in ("plots.py", "common_flags.py", "data_utils.py", "file_utils.py"):
+    for name in ("plots.py", "common_flags.py", "folders.py", "file_utils.py"):
         shutil.copy(os.path.join(REPO, name), tmp_path)
     result = subprocess.run([sys.executable, str(tmp_path / "plots.py")],
                             capture_output=True, text=True, timeout=120)
