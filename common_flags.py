@@ -162,7 +162,7 @@ PREDICT = {
     "model_dir": MODEL_DIR,
     "input": Setting([], "Image files or folders to predict (folders are read "
                      "recursively; class folders are neither needed nor read). Several "
-                     "may follow one flag: --input a.png photos/ more/."),
+                     "may follow one flag, as in --input a.png photos/ more/"),
     "output": Setting(None, "CSV to write, one row per image (default: "
                       "MODEL_DIR/predictions.csv)."),
     "features": Setting(None, "Also write the images' shared features to this .npy "
