@@ -35,13 +35,15 @@ def save_atomically(path, save):
     """Calls `save(temporary_path)` for a temporary file next to `path`, then renames it.
 
     A crash leaves the previous `path` (or none) intact, never half a file. The
-    temporary name keeps `path`'s extension, which some writers (Keras) require.
+    temporary name keeps `path`'s extension, which some writers (Keras) require, and
+    holds the process id, so that processes writing the same file (a study's
+    trials.csv) do not share one.
 
     Raises:
         DiskFull: the disk filled up while writing; `path` is as it was.
     """
     temporary = os.path.join(os.path.dirname(path) or ".",
-                             f".tmp-{os.path.basename(path)}")
+                             f".tmp-{os.getpid()}-{os.path.basename(path)}")
     try:
         save(temporary)
         os.replace(temporary, path)

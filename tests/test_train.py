@@ -225,7 +225,7 @@ def test_a_full_disk_names_the_file_and_the_checkpoint_kept(tiny_data, tmp_path,
     original = keras.Model.save
 
     def save_until_the_disk_fills(model, path, *args, **kwargs):
-        if os.path.basename(path) == ".tmp-model.keras":
+        if os.path.basename(path) == f".tmp-{os.getpid()}-model.keras":
             raise OSError(errno.ENOSPC, "No space left on device")
         original(model, path, *args, **kwargs)
 
