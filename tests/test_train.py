@@ -40,7 +40,7 @@ def _permute_labels(monkeypatch, domain):
         files.labels = list(np.random.default_rng(99).permutation(files.labels))
         return split
 
-    monkeypatch.setattr(data_utils, "scan_split", scan_with_permuted_labels)
+    monkeypatch.setattr(folders, "scan_split", scan_with_permuted_labels)
 
 
 @pytest.mark.parametrize("mode", ["dann", "source_only"])
