@@ -176,6 +176,43 @@ EXPORT = {
                       "class_names.txt into (default: MODEL_DIR/export)."),
     "weights_fname": WEIGHTS_FNAME,
 }
+TUNE = {
+    "train_dir": DATA["train_dir"],
+    "val_dir": Setting(None, "Validation split every trial is scored on, without target "
+                       "labels (its target may be unlabelled): never the test split you "
+                       "report."),
+    "study_dir": Setting(os.path.join(REPO_DIR, "runs", "tune"), "Folder of the study: "
+                         "a run folder per trial (trial_0007/), trials.csv, trials.png, "
+                         "best (a link to the best trial) and, by default, study.db."),
+    "trials": Setting(16, "Trials the study holds when done, those of every process "
+                      "sharing it and its two baselines (source-only and the default "
+                      "DANN recipe) included.", "positive"),
+    "sampler": Setting("tpe", "How trials are proposed: tpe (Optuna's TPE, seeded), "
+                       "random, or grid (tuning.GRID).", choices=("tpe", "random", "grid")),
+    "objective": Setting("snd", "The label-free score on --val_dir the study maximises; "
+                         "source_accuracy for comparison.",
+                         choices=("snd", "target_entropy", "source_accuracy")),
+    "storage": Setting(None, "Database URL Optuna accepts, for several processes or "
+                       "machines on one study (postgresql://..., mysql://...; default: "
+                       "sqlite:///STUDY_DIR/study.db)."),
+    "sampler_seed": Setting(0, "Seed of the sampler of the process that creates the "
+                            "study; processes that join it add their process id, so "
+                            "as not to propose the same trials (--seed stays the "
+                            "trials' weights seed)."),
+}
+# tune.py's search space, one place to change it: train.py flag -> how a trial
+# draws it (log-uniform between two values, or one of a few).
+SEARCH_SPACE = {
+    "lr": ("log_float", 0.001, 0.1),
+    "gamma": ("log_float", 1.0, 30.0),
+    "num_epochs": ("choice", (10, 20, 30)),
+}
+# tune.py --sampler grid: the values tried of each searched flag.
+GRID = {"lr": (0.003, 0.01, 0.03), "gamma": (1.0, 10.0, 30.0), "num_epochs": (10, 20)}
+# train.py's flags that tune.py passes unchanged to every trial.
+TRIAL = {name: setting for name, setting in TRAIN.items()
+         if name not in TUNE and name not in SEARCH_SPACE and name not in (
+             "model_dir", "mode", "restore_model", "overwrite")}
 BUILD = {
     "output_dir": Setting(DEFAULT_DATA_DIR, "Folder to write the data set into."),
     "mnist_path": Setting(None, "Folder of LeCun's MNIST IDX files (.gz or not) or a "

@@ -125,6 +125,38 @@ def domain_scatter(points, domains, domain_names, title, path):
     save_figure(figure, path)
 
 
+def tuning_figure(rows, params, objective, path):
+    """A study's trials: the objective per trial (source-only's as a line), then the
+    objective against each searched flag; `params` maps each to its (low, high) range
+    where it is drawn on a log scale, else None."""
+    scored = [row for row in rows if row["state"] == "complete"]
+    figure, axes = plt.subplots(1, 1 + len(params), figsize=(5 * (1 + len(params)), 4),
+                                layout="constrained", squeeze=False)
+    for mode, colour in (("dann", "C0"), ("source_only", "C3")):
+        chosen = [row for row in scored if row["mode"] == mode]
+        axes[0][0].scatter([row["trial"] for row in chosen],
+                           [row["score"] for row in chosen], color=colour, label=mode)
+        for axis, name in zip(axes[0][1:], params):
+            axis.scatter([row[name] for row in chosen], [row["score"] for row in chosen],
+                         color=colour, label=mode)
+    for source_only in (row for row in scored if row["mode"] == "source_only"):
+        for axis in axes[0]:
+            axis.axhline(source_only["score"], color="C3", linestyle="--", linewidth=1)
+    axes[0][0].set_xlabel("trial")
+    axes[0][0].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    for axis, (name, log_range) in zip(axes[0][1:], params.items()):
+        axis.set_xlabel(name)
+        if log_range:
+            axis.set_xscale("log")
+            axis.set_xlim(*log_range)
+    for axis in axes[0]:
+        axis.set_ylabel(f"{objective} on val (higher: better)")
+        axis.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    figure.suptitle(f"{len(scored)} scored trials; dashed: source-only")
+    save_figure(figure, path)
+
+
 ARCHITECTURE = (
     # (x, y, width, text, colour) of each box, in axis units.
     (0.2, 2.0, 1.6, "image\n28x28x3\n(0-255)", "#dddddd"),

@@ -258,12 +258,13 @@ def test_replaying_flags_txt_from_elsewhere_gives_the_same_weights(tiny_data, tm
 
 
 @pytest.mark.parametrize("script", ["train.py", "eval.py", "predict.py", "export.py",
-                                    "mnist_m.py"])
+                                    "tune.py", "mnist_m.py"])
 def test_help_lists_the_commands_own_flags_and_exits_0(script):
     result = run_script(script, "--help")
     assert result.returncode == 0
     own = {"train.py": "--gamma", "eval.py": "--tsne", "predict.py": "--features",
-           "export.py": "saved_model/", "mnist_m.py": "--mnistm_path"}
+           "export.py": "saved_model/", "tune.py": "--sampler_seed",
+           "mnist_m.py": "--mnistm_path"}
     assert all((flag in result.stdout) == (name == script) for name, flag in own.items())
 
 
@@ -333,6 +334,7 @@ def test_eval_of_a_checkpoint_reports_its_exact_accuracy(trained_run, tiny_data)
 def test_flags_are_checked_before_tensorflow_loads(tmp_path):
     for script, flag in (("train.py", "--batch_size=0"), ("eval.py", "--tsne=maybe"),
                          ("predict.py", "--skip_bad_images=maybe"),
+                         ("tune.py", "--trials=0"),
                          ("mnist_m.py", "--num_test=-1")):
         result = subprocess.run(
             [sys.executable, "-X", "importtime", os.path.join(REPO, script), flag],
@@ -348,7 +350,7 @@ def test_importing_the_library_defines_and_reads_no_flag():
     code = ("from absl import flags, logging; import keras, tensorflow; "
             "before = set(flags.FLAGS); "
             "import common_flags, data_utils, evaluation, exporting, folders, mnist_m, "
-            "mnist_readers, models, monitor, plots, prediction, training; "
+            "mnist_readers, models, monitor, plots, prediction, training, tuning; "
             "print(sorted(set(flags.FLAGS) - before))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True,
                             text=True, cwd=REPO, timeout=120)

@@ -1,0 +1,160 @@
+"""tune.py through its command line on tiny data: trials are ordinary run folders, a
+stopped study continues, two processes share one study, target labels are never
+read, and bad settings are one line."""
+
+import csv
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import unlabel_target
+from test_bad_input import assert_one_line_error
+from test_cli import REPO, run_script
+
+
+def tune_args(data, study_dir, *extra, val="val"):
+    return [f"--train_dir={data}/train", f"--val_dir={data}/{val}",
+            f"--study_dir={study_dir}", "--batch_size=8", *extra]
+
+
+def read_trials(study_dir):
+    with open(os.path.join(study_dir, "trials.csv"), newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def tune_data(tiny_data, tmp_path_factory):
+    """tiny_data with val/, a copy of test/ whose target has no labels."""
+    root = str(tmp_path_factory.mktemp("tune") / "data")
+    shutil.copytree(tiny_data, root)
+    shutil.copytree(os.path.join(root, "test"), os.path.join(root, "val"))
+    unlabel_target(os.path.join(root, "val"), "nested")
+    return root
+
+
+@pytest.fixture(scope="module")
+def study(tune_data, tmp_path_factory):
+    study_dir = str(tmp_path_factory.mktemp("study") / "study")
+    result = run_script("tune.py", *tune_args(tune_data, study_dir, "--trials=3"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return study_dir, result
+
+
+def test_a_study_is_a_set_of_ordinary_runs_scored_without_target_labels(study,
+                                                                        tune_data):
+    study_dir, result = study
+    rows = read_trials(study_dir)
+    assert [row["trial"] for row in rows] == ["0", "1", "2"]
+    assert [row["mode"] for row in rows] == ["source_only", "dann", "dann"]
+    # A trial drawn by the sampler may be ruled out (pruned) on this tiny data.
+    assert [row["state"] for row in rows[:2]] == ["complete", "complete"]
+    assert all(float(row["score"]) == float(row["val_snd"]) for row in rows
+               if row["state"] == "complete")
+    assert rows[2]["state"] in ("complete", "pruned")
+    assert (rows[0]["lr"], rows[0]["gamma"], rows[0]["num_epochs"]) == ("0.01", "10.0",
+                                                                        "20")
+    best = max((row for row in rows if row["state"] == "complete"),
+               key=lambda row: float(row["score"]))
+    assert os.path.realpath(os.path.join(study_dir, "best")) == best["run"]
+    assert "beat" in result.stdout and "source-only" in result.stdout
+    assert os.path.getsize(os.path.join(study_dir, "trials.png")) > 10_000
+    trial = os.path.join(study_dir, "best")
+    assert run_script("eval.py", f"--model_dir={trial}",
+                      f"--test_dir={tune_data}/test").returncode == 0
+    assert run_script("predict.py", f"--model_dir={trial}",
+                      f"--input={tune_data}/val/target").returncode == 0
+    # A trial's flags.txt replays it with train.py.
+    flags = open(os.path.join(rows[2]["run"], "flags.txt")).read().split()
+    assert f"--lr={rows[2]['lr']}" in flags and "--mode=dann" in flags
+
+
+def test_permuting_labelled_target_folders_changes_no_score(tune_data, tmp_path):
+    permuted = str(tmp_path / "data")
+    shutil.copytree(tune_data, permuted, ignore=shutil.ignore_patterns("val"))
+    scores = []
+    for name, val in (("labelled", "test"), ("permuted", "test")):
+        if name == "permuted":
+            target = os.path.join(permuted, "test", "target")
+            os.rename(os.path.join(target, "class_0"), os.path.join(target, "moving"))
+            os.rename(os.path.join(target, "class_1"), os.path.join(target, "class_0"))
+            os.rename(os.path.join(target, "moving"), os.path.join(target, "class_1"))
+        study_dir = str(tmp_path / name)
+        result = run_script("tune.py", *tune_args(permuted, study_dir, "--trials=2",
+                                                  val=val))
+        assert result.returncode == 0, result.stderr[-3000:]
+        scores.append([row["score"] for row in read_trials(study_dir)])
+    assert scores[0] == scores[1]
+
+
+def start_tune(args):
+    return subprocess.Popen([sys.executable, "-u", os.path.join(REPO, "tune.py"), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_ctrl_c_then_the_same_command_continues_without_counting_twice(tune_data,
+                                                                       tmp_path):
+    study_dir = str(tmp_path / "study")
+    args = tune_args(tune_data, study_dir, "--trials=3")
+    process = start_tune(args)
+    for line in process.stdout:
+        if "trial 1: dann" in line:
+            process.send_signal(signal.SIGINT)
+            break
+    output = process.communicate(timeout=600)[0]
+    assert process.returncode == 130, output[-3000:]
+    assert "run the same command again" in output
+    again = run_script("tune.py", *args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    rows = read_trials(study_dir)
+    finished = [row for row in rows if row["state"] in ("complete", "pruned")]
+    assert len(finished) == 3 and len({row["run"] for row in finished}) == 3
+    assert [row["state"] for row in rows].count("fail") == 1
+    assert os.path.join(study_dir, "trial_0001") in [row["run"] for row in finished]
+
+
+def test_two_processes_share_one_study_and_run_no_trial_twice(tune_data, tmp_path):
+    study_dir = str(tmp_path / "study")
+    args = tune_args(tune_data, study_dir, "--trials=4")
+    processes = [start_tune(args) for _ in range(2)]
+    outputs = [process.communicate(timeout=900)[0] for process in processes]
+    for process, output in zip(processes, outputs):
+        assert process.returncode == 0, output[-3000:]
+    rows = read_trials(study_dir)
+    finished = [row for row in rows if row["state"] in ("complete", "pruned")]
+    assert len(rows) == len(finished) == 4 and len({row["run"] for row in rows}) == 4
+    assert [row["mode"] for row in rows].count("source_only") == 1
+    started = [set(re.findall(r"\] trial (\d+): ", output)) for output in outputs]
+    assert not started[0] & started[1]  # no trial run by both processes
+    assert started[0] | started[1] == {row["trial"] for row in rows}
+
+
+@pytest.mark.parametrize("extra, fragments", [
+    (["--val_dir="], ["--val_dir is needed"]),
+    (["--lr=0.1"], ["Unknown command line flag 'lr'"]),
+    (["--storage=nosuchdb://x"], ["--storage nosuchdb://x", "cannot open it"]),
+])
+def test_bad_tune_settings_are_one_line(tune_data, tmp_path, extra, fragments):
+    result = run_script("tune.py", *tune_args(tune_data, str(tmp_path / "s")), *extra)
+    assert_one_line_error(result, *fragments)
+
+
+def test_collapsed_models_are_ruled_out_by_the_stated_rule():
+    import tuning
+
+    report = {"predicted_counts": {"target": {"a": 95, "b": 5}}}
+    assert "collapsed" in tuning.ruled_out({"source_accuracy": 0.99}, report)
+    assert "not learned" in tuning.ruled_out({"source_accuracy": 0.4}, report)
+    report["predicted_counts"]["target"] = {"a": 80, "b": 20}
+    assert tuning.ruled_out({"source_accuracy": 0.99}, report) is None
+
+
+def test_a_study_of_another_objective_is_refused(study, tune_data):
+    study_dir, _ = study
+    result = run_script("tune.py", *tune_args(tune_data, study_dir, "--trials=3",
+                                              "--objective=target_entropy"))
+    assert_one_line_error(result, "scores --objective snd", "--objective snd")

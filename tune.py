@@ -1,0 +1,46 @@
+"""Chooses DANN's recipe for an unlabelled target: a study of ordinary runs, each
+scored on a validation split without target labels.
+
+    python tune.py --train_dir D/train --val_dir D/val --study_dir runs/tune --trials 16
+
+Optuna proposes lr, gamma and the epochs (common_flags.SEARCH_SPACE); any other
+train.py flag passes to every trial. Ctrl-C stops it; the same command continues. Several
+processes, on one machine or several (--storage), can run trials of one study. The
+flags are checked before TensorFlow loads; `tuning.run` does the work.
+"""
+
+import sys
+
+from absl import app, flags
+
+import common_flags
+import file_utils
+
+FLAGS = flags.FLAGS
+common_flags.define({**common_flags.TUNE, **common_flags.TRIAL})
+flags.adopt_module_key_flags(common_flags)
+
+
+def main(argv):
+    del argv
+    with file_utils.without_start_up_notes():
+        import tuning
+    tune = common_flags.values(common_flags.TUNE)
+    settings = {**common_flags.values(common_flags.TRIAL),
+                "train_dir": tune.pop("train_dir"), "val_dir": tune.pop("val_dir")}
+    try:
+        rows = tuning.run(settings, verbose=1 if sys.stdout.isatty() else 2, **tune)
+    except file_utils.UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except (tuning.training.TrainingStopped, KeyboardInterrupt) as stop:
+        print(f"stopped: {stop or 'Ctrl-C'}; run the same command again to continue "
+              "(an unfinished trial resumes from its latest checkpoint)", file=sys.stderr)
+        sys.exit(getattr(stop, "exit_code", 130))
+    print("\n".join(tuning.leaderboard(rows, tune["objective"])))
+    print(f"Wrote {tune['study_dir']}/trials.csv, trials.png; best: "
+          f"{tune['study_dir']}/best")
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=common_flags.parse_or_exit)

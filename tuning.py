@@ -1,0 +1,344 @@
+"""Choosing a recipe for an unlabelled target: a study of ordinary runs, each scored
+on a validation split without target labels. Optuna is the engine: its samplers
+propose the trials, its storage (SQLite, or a database several machines share) holds
+the study, so any number of processes can work on one study and a stopped study
+continues where it stopped.
+
+Every trial is a run folder (`study_dir/trial_0007/`) that train.py wrote and eval.py
+scored on the validation split with `--label_free`. The study always holds two
+baselines, enqueued when it is created: `--mode source_only` and DANN with the
+default recipe, scored the same way.
+"""
+
+import csv
+import math
+import os
+import time
+import warnings
+
+import optuna
+import sqlalchemy
+from absl import logging
+
+import common_flags
+import evaluation
+import plots
+import run_folder
+import training
+from file_utils import UserError, write_atomically
+from monitor import COLLAPSE_SHARE
+
+SEARCH_SPACE, GRID = common_flags.SEARCH_SPACE, common_flags.GRID
+DEFAULT_RECIPE = {"lr": 0.01, "gamma": 10.0, "num_epochs": 20}
+OBJECTIVES = common_flags.TUNE["objective"].choices
+# A trial is ruled out (not ranked) when the source task was not learned or its
+# target predictions collapsed onto one class; a collapsed model is confident, so
+# entropy-like scores would rank it high.
+SOURCE_ACCURACY_FLOOR = 0.5
+HEARTBEAT_S, GRACE_S = 60, 180  # a trial whose process died is retried after this
+STUDY_NAME = "dann"
+TRIALS_CSV, FIGURE, BEST_LINK, STUDY_DB = ("trials.csv", "trials.png", "best",
+                                           "study.db")
+
+
+class NotNeeded(Exception):
+    """Other processes have already started every trial the study asks for."""
+
+
+def storage_of(url, study_dir, attempts=5):
+    """The Optuna storage of `url` (default: SQLite in `study_dir`), with heartbeats
+    so that a trial whose process died is found and retried.
+
+    Processes that start together race to create the database's tables; the loser
+    tries again.
+    """
+    url = url or f"sqlite:///{os.path.abspath(os.path.join(study_dir, STUDY_DB))}"
+    for attempt in range(attempts):
+        try:
+            with warnings.catch_warnings():  # heartbeats: "experimental" in Optuna 5
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S,
+                                                  grace_period=GRACE_S)
+        except Exception as error:  # SQLAlchemy's many types for a bad URL or server
+            racing = isinstance(error, (sqlalchemy.exc.IntegrityError,
+                                        sqlalchemy.exc.OperationalError))
+            if racing and attempt + 1 < attempts:
+                time.sleep(1)
+                continue
+            raise UserError(
+                f"--storage {url}: cannot open it ({type(error).__name__}: "
+                f"{str(error).splitlines()[0][:200]}): pass a database URL Optuna "
+                "accepts, such as sqlite:///study.db or "
+                "postgresql://user:password@host/db") from None
+
+
+def sampler_of(name, seed):
+    """The Optuna sampler --sampler names, seeded."""
+    if name == "grid":
+        return optuna.samplers.GridSampler({key: list(values) for key, values in
+                                            GRID.items()}, seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def open_study(storage, objective):
+    """Loads the study, or creates it with its two baselines enqueued first (only the
+    process that creates it enqueues them); refuses a study of another objective.
+    Returns the study and whether this process created it."""
+    try:
+        study = optuna.load_study(study_name=STUDY_NAME, storage=storage)
+    except KeyError:  # no such study yet
+        try:
+            study = optuna.create_study(storage=storage, study_name=STUDY_NAME,
+                                        direction="maximize")
+        except optuna.exceptions.DuplicatedStudyError:  # another process was first
+            return open_study(storage, objective)
+        study.set_user_attr("objective", objective)
+        for mode in ("source_only", "dann"):
+            study.enqueue_trial(DEFAULT_RECIPE, user_attrs={"mode": mode})
+        return study, True
+    recorded = study.user_attrs.get("objective", objective)
+    if recorded != objective:
+        raise UserError(f"the study in this storage scores --objective {recorded}, not "
+                        f"{objective}: pass --objective {recorded}, or another "
+                        "--study_dir or --storage for a new study")
+    return study, False
+
+
+def retry_stopped(study):
+    """Enqueues, once, a trial that stopped unfinished (Ctrl-C, a crash): the same
+    recipe into the same run folder, which resumes from its latest checkpoint."""
+    with warnings.catch_warnings():  # "experimental" since Optuna 2.9
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    trials = study.get_trials(deepcopy=False)
+    retried = {trial.user_attrs.get("retry_of") for trial in trials}
+    for trial in trials:
+        if (trial.state == optuna.trial.TrialState.FAIL and "model_dir" in
+                trial.user_attrs and trial.number not in retried):
+            study.enqueue_trial(trial.params, user_attrs={
+                "mode": trial.user_attrs.get("mode", "dann"), "retry_of": trial.number,
+                "model_dir": trial.user_attrs["model_dir"]})
+
+
+def suggest(trial):
+    """The searched flags of `trial`, drawn as SEARCH_SPACE says."""
+    values = {}
+    for name, (kind, *space) in SEARCH_SPACE.items():
+        if kind == "choice":
+            values[name] = trial.suggest_categorical(name, list(space[0]))
+        else:
+            values[name] = trial.suggest_float(name, *space, log=True)
+    return values
+
+
+def ruled_out(scores, report):
+    """Why a trial is not ranked (the rule in SOURCE_ACCURACY_FLOOR, COLLAPSE_SHARE),
+    or None."""
+    if scores["source_accuracy"] < SOURCE_ACCURACY_FLOOR:
+        return (f"source accuracy {scores['source_accuracy']:.3f} on val is below "
+                f"{SOURCE_ACCURACY_FLOOR}: the source task was not learned")
+    counts = report["predicted_counts"]["target"].values()
+    share = max(counts) / sum(counts)
+    if share >= COLLAPSE_SHARE:
+        return f"{share:.0%} of the val target images were given one class: collapsed"
+    return None
+
+
+def trial_config(trial, settings, study_dir):
+    """The `TrainConfig` of one trial: `settings` (train.py's flags that pass
+    through), its searched flags and mode, its own run folder (a retried trial's, to
+    resume from its latest checkpoint)."""
+    model_dir = trial.user_attrs.get("model_dir") or os.path.join(
+        study_dir, f"trial_{trial.number:04d}")
+    resume = run_folder.latest_checkpoint(model_dir) is not None
+    trial.set_user_attr("model_dir", model_dir)
+    return training.TrainConfig(**{
+        **settings, **suggest(trial), "mode": trial.user_attrs.get("mode", "dann"),
+        "model_dir": model_dir, "restore_model": resume, "overwrite": not resume})
+
+
+def recipe_text(config):
+    """flags.txt of a trial: its train.py flags, as train.py records them."""
+    lines = sorted(f"--{name}={value}" for name, value in vars(config).items()
+                   if value is not None and name not in common_flags.NOT_RECORDED)
+    return "".join(f"{line}\n" for line in lines)
+
+
+def objective_function(settings, study_dir, objective, n_trials, verbose):
+    """The function Optuna maximises: trains a trial's run, scores it on val."""
+    def run_trial(trial):
+        started = study_trials(trial.study, (optuna.trial.TrialState.COMPLETE,
+                                             optuna.trial.TrialState.PRUNED,
+                                             optuna.trial.TrialState.RUNNING))
+        if len(started) > n_trials:
+            trial.study.stop()
+            raise NotNeeded()
+        config = trial_config(trial, settings, study_dir)
+        logging.info("trial %d: %s %s into %s", trial.number, config.mode,
+                     {name: getattr(config, name) for name in SEARCH_SPACE},
+                     config.model_dir)
+        try:
+            training.run(config, verbose, recipe_text(config))
+        except training.TrainingStopped as stop:
+            if stop.exit_code != 1:  # a signal: the study stops, the trial resumes
+                raise
+            trial.set_user_attr("ruled_out", str(stop))  # the loss became NaN
+            raise optuna.TrialPruned(str(stop)) from None
+        report = evaluation.run(config.model_dir, config.val_dir, label_free=True)
+        scores = report["label_free_scores"]
+        trial.set_user_attr("scores", scores)
+        reason = ruled_out(scores, report)
+        if reason:
+            trial.set_user_attr("ruled_out", reason)
+            raise optuna.TrialPruned(reason)
+        return scores[objective]
+    return run_trial
+
+
+def study_trials(study, states):
+    return study.get_trials(deepcopy=False, states=states)
+
+
+def trial_rows(study, objective):
+    """One dict per trial, for trials.csv and the leaderboard."""
+    rows = []
+    for trial in study.get_trials(deepcopy=False):
+        if "model_dir" not in trial.user_attrs:
+            continue  # not started: waiting, or not needed
+        scores = trial.user_attrs.get("scores", {})
+        rows.append({
+            "trial": trial.number, "state": trial.state.name.lower(),
+            "mode": trial.user_attrs.get("mode", "dann"), **trial.params,
+            "score": trial.value, **{f"val_{name}": value for name, value
+                                     in scores.items()},
+            "seconds": (trial.duration.total_seconds() if trial.duration else None),
+            "ruled_out": trial.user_attrs.get("ruled_out", ""),
+            "run": trial.user_attrs.get("model_dir", "")})
+    return rows
+
+
+def best_of(rows, mode):
+    """The completed trial of `mode` with the highest score, or None."""
+    ranked = [row for row in rows if row["state"] == "complete" and row["mode"] == mode]
+    return max(ranked, key=lambda row: row["score"], default=None)
+
+
+def point_best_link(study_dir, row):
+    """study_dir/best: a link to the best trial's run folder, replaced atomically."""
+    link = os.path.join(study_dir, BEST_LINK)
+    temporary = f"{link}.tmp-{os.getpid()}"  # other processes replace it too
+    if os.path.lexists(temporary):
+        os.remove(temporary)
+    os.symlink(os.path.relpath(row["run"], study_dir), temporary)
+    os.replace(temporary, link)
+
+
+def write_outputs(study, study_dir, objective):
+    """trials.csv, trials.png and the `best` link; returns the trial rows."""
+    rows = trial_rows(study, objective)
+    keys = list(dict.fromkeys(key for row in rows for key in row))
+
+    def write(handle):
+        writer = csv.DictWriter(handle, fieldnames=keys, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+
+    write_atomically(os.path.join(study_dir, TRIALS_CSV), write)
+    log_ranges = {name: tuple(space) if kind == "log_float" else None
+                  for name, (kind, *space) in SEARCH_SPACE.items()}
+    plots.tuning_figure(rows, log_ranges, objective, os.path.join(study_dir, FIGURE))
+    best = max((best_of(rows, mode) for mode in ("dann", "source_only")),
+               key=lambda row: -math.inf if row is None else row["score"])
+    if best is not None:
+        point_best_link(study_dir, best)
+    return rows
+
+
+def after_trial(study, trial, study_dir, objective):
+    """Logs how a trial ended and rewrites the study's outputs."""
+    if "model_dir" in trial.user_attrs:
+        ended = (f"{objective} {trial.value:.4f}" if trial.value is not None else
+                 trial.user_attrs.get("ruled_out", trial.state.name.lower()))
+        logging.info("trial %d ended: %s", trial.number, ended)
+    write_outputs(study, study_dir, objective)
+
+
+def check_settings(settings):
+    """Refuses settings without a validation split, or that set a searched flag."""
+    if not settings.get("val_dir"):
+        raise UserError("--val_dir is needed: every trial is scored on it, without "
+                        "target labels")
+    for name in SEARCH_SPACE:
+        default = common_flags.TRAIN[name].default
+        if settings.get(name, default) != default:
+            raise UserError(f"--{name} is searched by tune.py (common_flags.SEARCH_SPACE): "
+                            "leave it out, or take it out of the search space")
+
+
+def run(settings, study_dir, trials=16, sampler="tpe", objective="snd", storage=None,
+        sampler_seed=0, verbose=2):
+    """Runs trials of the study in `study_dir` (or `storage`) until it holds `trials`
+    finished ones, counting those other processes run; writes its outputs.
+
+    Args:
+        settings: train.py's flags for every trial ({name: value}:
+            `common_flags.TRIAL`, `train_dir` and `val_dir`, the split every trial
+            is scored on).
+        objective: one of OBJECTIVES, the label-free score maximised.
+
+    Returns:
+        The trial rows (dicts), as trials.csv holds them.
+
+    Raises:
+        UserError: bad input, as train.py and eval.py refuse it, or a storage that
+            cannot be opened or that holds a study of another objective.
+        training.TrainingStopped: Ctrl-C or SIGTERM stopped a trial; its checkpoint
+            is kept, and the same call continues it.
+    """
+    check_settings(settings)
+    # Optuna's own line per trial (and its warning for a surplus trial that another
+    # process made unnecessary) give way to `after_trial`'s.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    os.makedirs(study_dir, exist_ok=True)
+    study, created = open_study(storage_of(storage, study_dir), objective)
+    # Processes that join a study draw apart: the same seed would propose the same
+    # trials in each.
+    study.sampler = sampler_of(sampler, sampler_seed if created else
+                               sampler_seed + os.getpid())
+    retry_stopped(study)
+    counted = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    try:
+        if len(study_trials(study, counted)) < trials:
+            study.optimize(
+                objective_function(settings, study_dir, objective, trials, verbose),
+                callbacks=[optuna.study.MaxTrialsCallback(trials, states=counted),
+                           lambda study, trial: after_trial(study, trial, study_dir,
+                                                            objective)],
+                catch=(NotNeeded,))
+    finally:
+        rows = write_outputs(study, study_dir, objective)
+    return rows
+
+
+def leaderboard(rows, objective, top=10):
+    """The lines tune.py prints: the best trials by the objective, the ruled-out
+    ones, and whether the best DANN trial beats source-only on the objective."""
+    ranked = sorted((row for row in rows if row["state"] == "complete"),
+                    key=lambda row: -row["score"])
+    lines = [f"{'trial':>5} {'mode':<11} {'lr':>8} {'gamma':>6} {'epochs':>6} "
+             f"{objective:>15} {'val source acc':>14}"]
+    for row in ranked[:top]:
+        lines.append(f"{row['trial']:>5} {row['mode']:<11} {row['lr']:>8.4f} "
+                     f"{row['gamma']:>6.2f} {row['num_epochs']:>6} {row['score']:>15.4f} "
+                     f"{row['val_source_accuracy']:>14.4f}")
+    lines += [f"trial {row['trial']} ruled out: {row['ruled_out']}" for row in rows
+              if row["ruled_out"]]
+    dann, source_only = best_of(rows, "dann"), best_of(rows, "source_only")
+    if dann and source_only:
+        verdict = "beats" if dann["score"] > source_only["score"] else "does NOT beat"
+        lines.append(f"The best DANN trial ({dann['trial']}) {verdict} source-only "
+                     f"(trial {source_only['trial']}) on {objective}: "
+                     f"{dann['score']:.4f} against {source_only['score']:.4f}.")
+    return lines
