@@ -283,9 +283,8 @@ def run(settings, study_dir, trials=16, sampler="tpe", objective="snd", storage=
     finished ones, counting those other processes run; writes its outputs.
 
     Args:
-        settings: train.py's flags for every trial ({name: value}:
-            `common_flags.TRIAL`, `train_dir` and `val_dir`, the split every trial
-            is scored on).
+        settings: train.py's flags for every trial: `common_flags.TRIAL`'s,
+            `train_dir` and `val_dir` (the split every trial is scored on).
         objective: one of OBJECTIVES, the label-free score maximised.
 
     Returns:
@@ -293,9 +292,9 @@ def run(settings, study_dir, trials=16, sampler="tpe", objective="snd", storage=
 
     Raises:
         UserError: bad input, as train.py and eval.py refuse it, or a storage that
-            cannot be opened or that holds a study of another objective.
-        training.TrainingStopped: Ctrl-C or SIGTERM stopped a trial; its checkpoint
-            is kept, and the same call continues it.
+            cannot be opened or holds a study of another objective.
+        training.TrainingStopped, KeyboardInterrupt: a signal stopped a trial (its
+            checkpoint is kept); the same call continues it.
     """
     check_settings(settings)
     # Optuna's own line per trial (and its warning for a surplus trial that another
