@@ -277,6 +277,19 @@ def check_settings(settings):
                             "leave it out, or take it out of the search space")
 
 
+def prepare_study(study_dir, storage, objective, sampler, sampler_seed):
+    """The study, opened or created, with its sampler and its stopped trials
+    enqueued again."""
+    os.makedirs(study_dir, exist_ok=True)
+    study, created = open_study(storage_of(storage, study_dir), objective)
+    # Processes that join a study draw apart: the same seed would propose the same
+    # trials in each.
+    study.sampler = sampler_of(sampler, sampler_seed if created else
+                               sampler_seed + os.getpid())
+    retry_stopped(study)
+    return study
+
+
 def run(settings, study_dir, trials=16, sampler="tpe", objective="snd", storage=None,
         sampler_seed=0, verbose=2):
     """Runs trials of the study in `study_dir` (or `storage`) until it holds `trials`
@@ -300,13 +313,7 @@ def run(settings, study_dir, trials=16, sampler="tpe", objective="snd", storage=
     # Optuna's own line per trial (and its warning for a surplus trial that another
     # process made unnecessary) give way to `after_trial`'s.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    os.makedirs(study_dir, exist_ok=True)
-    study, created = open_study(storage_of(storage, study_dir), objective)
-    # Processes that join a study draw apart: the same seed would propose the same
-    # trials in each.
-    study.sampler = sampler_of(sampler, sampler_seed if created else
-                               sampler_seed + os.getpid())
-    retry_stopped(study)
+    study = prepare_study(study_dir, storage, objective, sampler, sampler_seed)
     counted = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     try:
         if len(study_trials(study, counted)) < trials:
