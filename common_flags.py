@@ -18,8 +18,9 @@ REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA_DIR = os.path.join(REPO_DIR, "data", "mnist_mnistm")
 DEFAULT_MODEL_DIR = os.path.join(REPO_DIR, "runs", "dann")
 CACHE_DIR = os.path.join(REPO_DIR, "data", "cache")
-# flags.txt replays a run: not how it was resumed, replaced or spread over devices.
-NOT_RECORDED = ("restore_model", "overwrite", "distribute")
+# flags.txt is the recipe of a run, not where it lives, how it was resumed or replaced,
+# or how it was spread over devices: a replay goes where its own --model_dir says.
+NOT_RECORDED = ("model_dir", "restore_model", "overwrite", "distribute")
 RULES = {  # name: (test, what the error message says the value must be)
     "positive": (lambda value: value >= 1, "must be a positive integer"),
     "at least 0": (lambda value: value >= 0, "must be zero or positive"),
@@ -293,7 +294,7 @@ def values(settings, flag_values=flags.FLAGS):
 
 
 def flags_text(settings, flag_values=flags.FLAGS):
-    """`settings`' flags as `--flagfile` lines, resume and overwrite left out."""
+    """`settings`' flags as `--flagfile` lines, those in NOT_RECORDED left out."""
     lines = sorted(flag_values[name].serialize() for name in settings
                    if name not in NOT_RECORDED)
     return "".join(f"{line}\n" for line in lines if line)

@@ -113,8 +113,9 @@ def restore(config, total_steps):
         describe = "a {} {} run of {} steps in {}".format
         raise UserError(
             f"{path} belongs to {describe(*saved)}, but these flags ask for "
-            f"{describe(*wanted)}: resume with the flags in "
-            f"{os.path.join(config.model_dir, run_folder.FLAGS_FILE)}")
+            f"{describe(*wanted)}: resume with --flagfile="
+            f"{os.path.join(config.model_dir, run_folder.FLAGS_FILE)} "
+            f"--model_dir={config.model_dir} --restore_model")
     logging.info("Resuming from %s at step %d", path,
                  int(model.optimizer.iterations.numpy()))
     return model

@@ -101,6 +101,8 @@ def resumable(model_dir, train_args):
         run_flags = handle.read().split()
     for arg in train_args:
         name, wanted = arg[2:].split("=", 1)
+        if name in common_flags.NOT_RECORDED:
+            continue
         kept = recorded_flag(run_flags, name, None)
         if name.endswith("_dir") and kept is not None:
             kept, wanted = os.path.abspath(kept), os.path.abspath(wanted)

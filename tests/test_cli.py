@@ -63,9 +63,10 @@ def test_saved_flags_are_train_py_flags_only(trained_run):
     recorded = {line.split("=")[0].lstrip("-")
                 for line in open(os.path.join(trained_run, "flags.txt")).read().split()}
     assert "--num_epochs=1" in open(os.path.join(trained_run, "flags.txt")).read().split()
-    assert {"train_dir", "val_dir", "model_dir", "mode", "lr", "gamma"} <= recorded
-    assert not recorded & {"test_dir", "tsne", "weights_fname", "output_dir",
-                           "num_test", "mnist_path", "overwrite", "restore_model"}
+    assert {"train_dir", "val_dir", "mode", "lr", "gamma"} <= recorded
+    # The recipe, not where it lives: a replay cannot train into the recorded run.
+    assert not recorded & {"test_dir", "tsne", "weights_fname", "output_dir", "num_test",
+                           "mnist_path", "model_dir", "overwrite", "restore_model"}
 
 
 def test_restore_model_continues_the_step_count(trained_run, tiny_data, tmp_path):
@@ -255,6 +256,19 @@ def test_replaying_flags_txt_from_elsewhere_gives_the_same_weights(tiny_data, tm
     for a, b in zip(_weights(first / "runs" / "a" / "model.keras"),
                     _weights(elsewhere / "runs" / "again" / "model.keras")):
         np.testing.assert_array_equal(a, b)
+
+
+def test_replaying_a_run_with_overwrite_trains_elsewhere_and_keeps_it(trained_run,
+                                                                      tmp_path):
+    victim = os.path.join(trained_run, "model.keras")
+    before = open(victim, "rb").read()
+    model_dir = str(tmp_path / "new")
+    # absl lets a later flag win: a --model_dir in flags.txt would have replaced the run.
+    result = run_script("train.py", f"--model_dir={model_dir}",
+                        f"--flagfile={trained_run}/flags.txt", "--overwrite")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert os.path.exists(os.path.join(model_dir, "model.keras"))
+    assert open(victim, "rb").read() == before
 
 
 @pytest.mark.parametrize("script", ["train.py", "eval.py", "predict.py", "export.py",
