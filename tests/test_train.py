@@ -109,7 +109,7 @@ def test_refuses_to_overwrite_an_existing_run(tiny_data, tmp_path):
 
 def test_resume_with_a_different_run_length_is_refused(tiny_data, tmp_path):
     run(_config(tiny_data, tmp_path / "run", num_epochs=1))
-    with pytest.raises(data_utils.UserError, match="resume with the flags"):
+    with pytest.raises(data_utils.UserError, match="resume with --flagfile"):
         run(_config(tiny_data, tmp_path / "run", num_epochs=3, restore_model=True))
 
 
