@@ -98,8 +98,7 @@ RUN = {
                     "target labels (upper bound).",
                     choices=("dann", "source_only", "target_only")),
     "num_epochs": Setting(20, "Training epochs (passes over the larger domain); the "
-                          "schedules span all of them. 20 keeps the default run near 10 "
-                          "minutes on 2 CPU cores; 40 gives the paper table's result.",
+                          "schedules span all of them. The paper table's runs use 40.",
                           "positive"),
     "batch_size": Setting(64, "Images per domain per step (the paper: 64 + 64).",
                           "positive"),
@@ -176,6 +175,13 @@ EXPORT = {
     "output": Setting(None, "Folder to write saved_model/, model.tflite and "
                       "class_names.txt into (default: MODEL_DIR/export)."),
     "weights_fname": WEIGHTS_FNAME,
+}
+PLOTS = {
+    "data_dir": Setting(DEFAULT_DATA_DIR, "Data set whose train/ split samples.png "
+                        "shows, two images per class and domain."),
+    "output_dir": Setting(os.path.join(REPO_DIR, "img"), "Folder to write "
+                          "architecture.png and samples.png into (default: the README's "
+                          "img/, whose figures it replaces)."),
 }
 TUNE = {
     "train_dir": DATA["train_dir"],

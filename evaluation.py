@@ -167,15 +167,16 @@ def write_report(report, predictions, outputs, class_names, label):
     write_atomically(outputs["report"], lambda handle: json.dump(report, handle, indent=1))
     for domain in report["confusion"]:
         labels, probabilities, _ = predictions[domain]
-        title = f"{label}: {domain} ({report[f'{domain}_accuracy']:.4f})"
+        title = f"{label}: {domain}, accuracy {report[f'{domain}_accuracy']:.4f}"
         plots.confusion_matrix(report["confusion"][domain], class_names, title,
                                outputs[f"confusion_{domain}"])
         plots.precision_recall(labels, probabilities, class_names, title,
                                outputs[f"pr_{domain}"])
     if "confusion_domain" in outputs:
         plots.confusion_matrix(report["domain_confusion"], list(folders.DOMAINS),
-                               f"{label}: domain classifier, normalised by true domain",
-                               outputs["confusion_domain"], normalised_only=True)
+                               f"{label}: domain classifier",
+                               outputs["confusion_domain"], normalised_only=True,
+                               kind="domain")
 
 
 def run_recipe(model_dir):

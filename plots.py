@@ -1,4 +1,9 @@
-"""Figures of a run (matplotlib, Agg backend), saved as PNG through a temp file."""
+"""Figures of a run (matplotlib, Agg backend), saved as PNG through a temp file.
+
+    python plots.py [--data_dir DATA] [--output_dir DIR]
+
+draws the README's figures: the network and a grid of DATA/train's images.
+"""
 
 import os
 import sys
@@ -40,8 +45,15 @@ def _plot_column(axis, epochs, history, key, colour=None):
     values = [row.get(key) for row in history]
     present = any(v is not None and v != "" for v in values)
     if present:
-        axis.plot(epochs, [float(v) if v not in (None, "") else np.nan for v in values],
-                  marker=".", label=key, color=colour)
+        numbers = [float(v) if v not in (None, "") else np.nan for v in values]
+        line, = axis.plot(epochs, numbers, marker=".", label=key, color=colour)
+        if len(epochs) == 1:  # one point draws no line: say its value beside it,
+            # on the left for a second axis (whose point sits on the first's)
+            left = colour is not None
+            axis.annotate(f"{numbers[0]:.3g}", (epochs[0], numbers[0]), fontsize=8,
+                          xytext=(-5 if left else 5, 0), textcoords="offset points",
+                          ha="right" if left else "left", va="center",
+                          color=line.get_color())
     return present
 
 
@@ -67,48 +79,68 @@ def training_curves(history, path):
             legend_axis.legend(handles, labels, fontsize=8)
         axis.set_title(title, fontsize=10)
         axis.set_xlabel("epoch")
+        if len(keys) == 1:
+            axis.set_ylabel(keys[0])
         axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        if epochs:
+            axis.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+        if len(set(epochs)) == 1:  # the locator would fall back to fractions
+            axis.set_xticks(epochs[:1])
         axis.grid(alpha=0.3)
     save_figure(figure, path)
 
 
-def confusion_matrix(matrix, class_names, title, path, normalised_only=False):
-    """Draws a confusion matrix (rows: true class, columns: predicted class): the
+def confusion_matrix(matrix, class_names, title, path, normalised_only=False,
+                     kind="class"):
+    """Draws a confusion matrix (rows: true `kind`, columns: predicted `kind`): the
     counts and, beside them, each row normalised to 1 (or only the latter)."""
     matrix = np.asarray(matrix, np.float64)
     totals = matrix.sum(axis=1, keepdims=True)
     panels = [(np.divide(matrix, totals, out=np.zeros_like(matrix), where=totals > 0),
-               "normalised by true class", ".2f")]
+               f"normalised by true {kind}", ".2f")]
     if not normalised_only:
         panels.insert(0, (matrix.astype(np.int64), "counts", "d"))
     size = max(4.0, 0.5 * len(class_names) + 2)
     figure, axes = plt.subplots(1, len(panels), figsize=(size * len(panels), size),
-                                squeeze=False)
+                                squeeze=False, layout="constrained")
     for axis, (values, subtitle, value_format) in zip(axes[0], panels):
         metrics.ConfusionMatrixDisplay(values, display_labels=class_names).plot(
             ax=axis, cmap="Blues", colorbar=False, xticks_rotation="vertical",
             include_values=len(class_names) <= 20, values_format=value_format)
-        axis.set_title(subtitle, fontsize=9)
+        axis.set(title=subtitle, xlabel=f"predicted {kind}", ylabel=f"true {kind}")
     figure.suptitle(title)
     save_figure(figure, path)
 
 
 def precision_recall(labels, scores, class_names, title, path, most_classes=10):
-    """Precision-recall curves of the label classifier, one class against the rest,
-    for up to `most_classes` classes (then only the micro-average over all)."""
-    figure, axis = plt.subplots(figsize=(6, 5))
+    """Precision-recall curves of the label classifier, one small panel per class (that
+    class against the rest, its average precision above it); with more than
+    `most_classes` classes, one panel of the micro-average over all."""
     labels, scores = np.asarray(labels), np.asarray(scores)
     if len(class_names) <= most_classes:
-        for index, name in enumerate(class_names):
-            if np.any(labels == index):
-                metrics.PrecisionRecallDisplay.from_predictions(
-                    labels == index, scores[:, index], name=name, ax=axis)
+        curves = [(name, labels == index, scores[:, index])
+                  for index, name in enumerate(class_names) if np.any(labels == index)]
     else:
         onehot = np.eye(len(class_names), dtype=bool)[labels]
-        metrics.PrecisionRecallDisplay.from_predictions(
-            onehot.ravel(), scores.ravel(), name="micro-average", ax=axis)
-    axis.set_title(title)
-    axis.legend(fontsize=7, loc="lower left")
+        curves = [("micro-average of all classes", onehot.ravel(), scores.ravel())]
+    columns = min(5, len(curves))
+    rows = -(-len(curves) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.4 * rows + 0.6),
+                                sharex=True, sharey=True, squeeze=False,
+                                layout="constrained")
+    for axis, (name, positive, score) in zip(axes.flat, curves):
+        precision, recall, _ = metrics.precision_recall_curve(positive, score)
+        axis.plot(recall, precision, drawstyle="steps-post")
+        axis.set_title(f"{name}: AP "
+                       f"{metrics.average_precision_score(positive, score):.2f}",
+                       fontsize=9)
+        axis.set(xlim=(0, 1.02), ylim=(0, 1.02))
+        axis.grid(alpha=0.3)
+    for axis in axes.flat[len(curves):]:
+        axis.set_visible(False)
+    figure.supxlabel("recall")
+    figure.supylabel("precision")
+    figure.suptitle(f"{title}: precision-recall, each class against the rest")
     save_figure(figure, path)
 
 
@@ -198,14 +230,19 @@ def sample_grid(split, path, per_class=2, seed=0):
     """Source images above target images of the same classes, from a scanned split."""
     rng = np.random.default_rng(seed)
     rows = []
+    count = per_class * len(split.class_names)
     for files in (split.source, split.target):
         labels = np.asarray(files.labels)
+        if files.labelled:
+            chosen = [index for label in range(len(split.class_names)) for index in
+                      rng.choice(np.flatnonzero(labels == label), per_class,
+                                 replace=False)]
+        else:  # as many images, drawn from all
+            chosen = rng.choice(len(files.paths), count, replace=len(files.paths) < count)
         tiles = []
-        for label in range(len(split.class_names)):
-            for index in rng.choice(np.flatnonzero(labels == label), per_class,
-                                    replace=False):
-                with Image.open(files.paths[index]) as image:
-                    tiles.append(np.asarray(image.convert("RGB").resize((28, 28))))
+        for index in chosen:
+            with Image.open(files.paths[index]) as image:
+                tiles.append(np.asarray(image.convert("RGB").resize((28, 28))))
         rows.append(np.concatenate(tiles, axis=1))
     figure, axis = plt.subplots(figsize=(len(rows[0][0]) / 40, 1.6))
     axis.imshow(np.concatenate(rows, axis=0))
@@ -216,24 +253,32 @@ def sample_grid(split, path, per_class=2, seed=0):
     save_figure(figure, path)
 
 
-def main():
-    """Draws the README's figures in img/: the architecture and a sample grid."""
-    import common_flags  # defines no flag: the default paths only
-
+def main(argv):
+    """Draws the README's figures: the architecture and a grid of training images."""
+    del argv
     import folders  # loads no TensorFlow
 
-    train_dir = os.path.join(common_flags.DEFAULT_DATA_DIR, "train")
+    train_dir = os.path.join(FLAGS.data_dir, "train")
     try:
         split = folders.scan_split(train_dir)
     except folders.UserError as error:
         print(f"error: {error} (python mnist_m.py builds the default data set)",
               file=sys.stderr)
         sys.exit(2)
-    folder = os.path.join(common_flags.REPO_DIR, "img")
-    os.makedirs(folder, exist_ok=True)
-    architecture_diagram(os.path.join(folder, "architecture.png"))
-    sample_grid(split, os.path.join(folder, "samples.png"))
+    os.makedirs(FLAGS.output_dir, exist_ok=True)
+    written = [os.path.join(FLAGS.output_dir, name)
+               for name in ("architecture.png", "samples.png")]
+    architecture_diagram(written[0])
+    sample_grid(split, written[1])
+    print(f"Wrote {', '.join(written)} (training images from {train_dir})")
 
 
 if __name__ == "__main__":
-    main()
+    from absl import app, flags
+
+    import common_flags
+
+    FLAGS = flags.FLAGS
+    common_flags.define(common_flags.PLOTS)
+    flags.adopt_module_key_flags(common_flags)
+    app.run(main, flags_parser=common_flags.parse_or_exit)

@@ -64,7 +64,22 @@ def model_to_evaluate(model_dir, weights_fname=None):
                   os.path.join(model_dir, CHECKPOINT_DIR, weights_fname)]
     if step:
         candidates.append(checkpoint_path(model_dir, int(step.group(1))))
-    return next((path for path in candidates if os.path.isfile(path)), candidates[1])
+    found = next((path for path in candidates if os.path.isfile(path)), None)
+    if found is None:
+        saved = ", ".join(saved_models(model_dir)) or "no .keras file"
+        raise UserError(f"--weights_fname {weights_fname}: no such model in {model_dir} "
+                        f"(it holds {saved}): pass one of those, a checkpoint's step, "
+                        "or the path of a .keras file")
+    return found
+
+
+def saved_models(model_dir):
+    """The `.keras` files of a run that --weights_fname can name, final model first."""
+    final = [FINAL_MODEL] if os.path.isfile(os.path.join(model_dir, FINAL_MODEL)) else []
+    folder = os.path.join(model_dir, CHECKPOINT_DIR)
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    return final + [os.path.join(CHECKPOINT_DIR, name) for name in names
+                    if CHECKPOINT_PATTERN.match(name)]
 
 
 def eval_folder(model_dir, test_dir):

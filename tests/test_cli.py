@@ -100,6 +100,15 @@ def test_eval_without_a_model_is_one_clear_line(tmp_path, tiny_data):
     assert "Traceback" not in result.stderr
 
 
+def test_eval_of_a_missing_checkpoint_lists_the_saved_ones(trained_run, tiny_data):
+    result = run_script("eval.py", f"--model_dir={trained_run}", "--weights_fname=5",
+                        f"--test_dir={tiny_data}/test")
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --weights_fname 5: no such model in")
+    assert "model.keras, checkpoints/ckpt-00000006.keras" in last, last
+
+
 def test_eval_tsne_draws_the_features_of_both_domains(trained_run, tiny_data):
     result = run_script("eval.py", f"--model_dir={trained_run}",
                         f"--test_dir={tiny_data}/test", "--tsne")
@@ -272,14 +281,24 @@ def test_replaying_a_run_with_overwrite_trains_elsewhere_and_keeps_it(trained_ru
 
 
 @pytest.mark.parametrize("script", ["train.py", "eval.py", "predict.py", "export.py",
-                                    "tune.py", "mnist_m.py"])
+                                    "tune.py", "mnist_m.py", "plots.py"])
 def test_help_lists_the_commands_own_flags_and_exits_0(script):
     result = run_script(script, "--help")
     assert result.returncode == 0
     own = {"train.py": "--gamma", "eval.py": "--tsne", "predict.py": "--features",
            "export.py": "saved_model/", "tune.py": "--sampler_seed",
-           "mnist_m.py": "--mnistm_path"}
+           "mnist_m.py": "--mnistm_path", "plots.py": "architecture.png"}
     assert all((flag in result.stdout) == (name == script) for name, flag in own.items())
+
+
+def test_plots_py_draws_where_told_and_says_so(tiny_data, tmp_path):
+    unknown = run_script("plots.py", "--no_such_flag", f"--output_dir={tmp_path}/a")
+    assert unknown.returncode == 2 and not os.path.exists(tmp_path / "a")
+    result = run_script("plots.py", f"--data_dir={tiny_data}", f"--output_dir={tmp_path}/b")
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = [str(tmp_path / "b" / name) for name in ("architecture.png", "samples.png")]
+    assert f"Wrote {', '.join(written)}" in result.stdout
+    assert all(os.path.getsize(path) > 0 for path in written)
 
 
 def test_overwrite_replaces_the_whole_run_eval_outputs_included(tiny_data, tmp_path):
