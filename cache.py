@@ -24,7 +24,8 @@ import folders
 from file_utils import UserError, save_atomically
 
 MODES = ("memory", "disk", "none")
-KEPT = {"memory": "kept in memory", "disk": "kept in a file in the run folder",
+KEPT = {"memory": "decoded once and kept in memory",
+        "disk": "decoded once and kept in a file in the run folder",
         "none": "decoded again every epoch"}
 # Memory mode holds the decoded set about twice (the cache and the shuffle buffer).
 MEMORY_SHARE = 0.25
@@ -185,7 +186,7 @@ def load_split(split_dir, config, shape, disk_dir, class_names=None, mode=None):
     if mode is None:
         size = decoded_bytes(len(split.source) + len(split.target), shape[:2], shape[2])
         mode, reason = choose(config.cache, size)
-        logging.info("%s: decoded images %s (%s)", split_dir, KEPT[mode], reason)
+        logging.info("%s: images %s (%s)", split_dir, KEPT[mode], reason)
     return (split, *(DomainImages(getattr(split, domain), shape[:2], shape[2], mode,
                                   disk_dir) for domain in folders.DOMAINS))
 

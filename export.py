@@ -9,7 +9,6 @@ MODEL_DIR/export. The flags are checked before TensorFlow loads; `exporting.expo
 does the work.
 """
 
-import os
 import sys
 
 from absl import app, flags, logging
@@ -25,7 +24,6 @@ flags.adopt_module_key_flags(common_flags)
 def main(argv):
     del argv
     # Saving and converting log dozens of notes, none of them for the user.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.set_verbosity(logging.WARNING)
     with file_utils.without_start_up_notes():
         import exporting

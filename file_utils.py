@@ -69,7 +69,12 @@ def write_atomically(path, write, mode="w"):
 @contextlib.contextmanager
 def without_start_up_notes():
     """Leaves TensorFlow's start-up notes out of what the block writes to stderr;
-    anything else written there (an import error, say) still reaches it after."""
+    anything else written there (an import error, say) still reaches it after.
+    TensorFlow loaded in the block logs only its errors, unless TF_CPP_MIN_LOG_LEVEL
+    says otherwise: its runtime notes and warnings (a tf.data function that cannot
+    be optimised, an aborted rendezvous before an unreadable image's error) are not
+    the user's to act on."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile(mode="w+b") as captured:

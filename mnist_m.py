@@ -21,6 +21,7 @@ import tarfile
 import numpy as np
 from PIL import Image
 
+import common_flags
 import file_utils
 from file_utils import IMAGE_EXTENSIONS, UserError, write_atomically
 from mnist_readers import DIGIT_SIZE, Digits, load_mnist
@@ -339,8 +340,6 @@ def main(argv):
 
 if __name__ == "__main__":
     from absl import app, flags
-
-    import common_flags
 
     common_flags.define(common_flags.BUILD)
     flags.adopt_module_key_flags(common_flags)

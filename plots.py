@@ -18,7 +18,12 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from sklearn import metrics  # noqa: E402
 
+from absl import app, flags  # noqa: E402
+
+import common_flags  # noqa: E402
 from file_utils import save_atomically  # noqa: E402
+
+FLAGS = flags.FLAGS
 
 CURVE_PANELS = (
     ("losses", ("label_loss", "domain_loss")),
@@ -274,11 +279,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-
-    import common_flags
-
-    FLAGS = flags.FLAGS
     common_flags.define(common_flags.PLOTS)
     flags.adopt_module_key_flags(common_flags)
     app.run(main, flags_parser=common_flags.parse_or_exit)

@@ -2,8 +2,8 @@
 
     python train.py --train_dir DATA/train --val_dir DATA/val --model_dir runs/mine
 
-With no flags it trains on MNIST -> MNIST-M, building that data set first if needed.
-The flags are checked before TensorFlow loads; `training.run` does the work.
+With no flags it trains on MNIST -> MNIST-M (`training.run` builds that data set first
+if needed). The flags are checked before TensorFlow loads; `training.run` does the work.
 """
 
 import os
@@ -13,23 +13,10 @@ from absl import app, flags
 
 import common_flags
 import file_utils
-import run_folder
 
 FLAGS = flags.FLAGS
 common_flags.define(common_flags.TRAIN)
 flags.adopt_module_key_flags(common_flags)
-
-
-def build_default_data_if_missing(train_dir):
-    """Builds MNIST -> MNIST-M in the default data folder when training on it."""
-    default = common_flags.DEFAULT_DATA_DIR
-    if train_dir != os.path.join(default, "train") or os.path.exists(default):
-        return
-    import mnist_m
-
-    print(f"No data set in {default}: building MNIST -> MNIST-M there first "
-          "(python mnist_m.py).")
-    mnist_m.build_mnist_mnistm(default, cache_dir=common_flags.CACHE_DIR)
 
 
 def main(argv):
@@ -44,9 +31,6 @@ def main(argv):
     verbose = 1 if sys.stdout.isatty() else 2
     try:
         strategy, _ = training.distribute.choose(config.distribute)
-        if training.distribute.is_chief(strategy):  # the other workers write nothing
-            run_folder.check(config.model_dir, config.restore_model, config.overwrite)
-            build_default_data_if_missing(config.train_dir)
         history = training.run(config, verbose,
                                common_flags.flags_text(common_flags.TRAIN), strategy)
     except file_utils.UserError as error:
@@ -55,8 +39,12 @@ def main(argv):
     except training.TrainingStopped as stop:
         print(f"stopped: {stop}", file=sys.stderr)
         sys.exit(stop.exit_code)
+    if not training.distribute.is_chief(strategy):
+        print(f"Trained {config.mode} for {config.num_epochs} epochs as a worker; the "
+              f"chief wrote the run into {config.model_dir}")
+        return
     summary = ", ".join(f"{key} {value:.4f}" for key, value in
-                        sorted((history[-1] if history else {}).items()) if key != "epoch")
+                        sorted(history[-1].items()) if key != "epoch")
     print(f"Trained {config.mode} for {config.num_epochs} epochs into "
           f"{config.model_dir}: {summary}")
     warnings = training.monitor.health_warnings(history, config.num_epochs, config.mode)

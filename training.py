@@ -227,6 +227,7 @@ def run(config, verbose=1, flags_file_text=None, strategy=None):
 def train_as_chief(config, verbose, flags_file_text, strategy, run_started):
     """The run on one machine, or the chief of a multi-worker run: writes the folder."""
     run_folder.check(config.model_dir, config.restore_model, config.overwrite)
+    build_default_data_if_missing(config.train_dir)
     with run_folder.owned(config.model_dir):
         # Again: another process may have written the folder since the check.
         run_folder.refuse_an_old_run(config.model_dir, config.restore_model,
@@ -251,6 +252,18 @@ def train_as_chief(config, verbose, flags_file_text, strategy, run_started):
         except DiskFull as error:
             raise said_what_was_kept(error, config.model_dir) from None
     return history
+
+
+def build_default_data_if_missing(train_dir):
+    """Builds MNIST -> MNIST-M in the default data folder when training on it."""
+    default = common_flags.DEFAULT_DATA_DIR
+    if train_dir != os.path.join(default, "train") or os.path.exists(default):
+        return
+    import mnist_m
+
+    logging.info("No data set in %s: building MNIST -> MNIST-M there first "
+                 "(python mnist_m.py)", default)
+    mnist_m.build_mnist_mnistm(default, cache_dir=common_flags.CACHE_DIR)
 
 
 def train_as_worker(config, strategy, run_started):
@@ -309,9 +322,12 @@ def fit(model, config, data, steps, run_started, verbose, strategy, writes=True)
                 keras.callbacks.TensorBoard(os.path.join(config.model_dir, "logs"))]
         for epoch, epochs, epoch_steps in epoch_segments(done_steps, steps,
                                                          config.num_epochs):
-            set_steps_per_execution(model, epoch_steps,
-                                    distribute.steps_per_call(config.steps_per_execution,
-                                                              strategy))
+            per_call = set_steps_per_execution(
+                model, epoch_steps,
+                distribute.steps_per_call(config.steps_per_execution, strategy))
+            logging.info("%s, %d steps per compiled call", f"epoch {epoch + 1} resumes "
+                         f"for its last {epoch_steps} of {steps} steps"
+                         if epoch_steps < steps else f"{steps} steps per epoch", per_call)
             batches = functools.partial(
                 data_utils.training_dataset, data.source, data.target, labelled,
                 config.batch_size, config.seed,
@@ -328,7 +344,8 @@ def fit(model, config, data, steps, run_started, verbose, strategy, writes=True)
 
 
 def set_steps_per_execution(model, epoch_steps, requested):
-    """Runs the largest number of steps per call, up to `requested`, dividing an epoch.
+    """Runs the largest number of steps per call, up to `requested`, dividing an epoch;
+    returns that number.
 
     Keras rounds an epoch up to whole calls, so a value that does not divide the
     epoch's steps would train extra steps and change the result.
@@ -337,7 +354,7 @@ def set_steps_per_execution(model, epoch_steps, requested):
     if chosen != model.steps_per_execution:
         model.steps_per_execution = chosen
         model.make_train_function(force=True)
-    logging.info("%d steps per epoch, %d steps per compiled call", epoch_steps, chosen)
+    return chosen
 
 
 def epoch_segments(done_steps, steps, num_epochs):

@@ -274,7 +274,8 @@ def test_num_val_moves_the_last_training_digits_of_both_domains_to_val(tmp_path,
             assert open(path, "rb").read() == open(twin, "rb").read()
         # ... and val holds the other 10.
         assert len(moved) == 10 and len(before) == 30
-    with pytest.raises(data_utils.UserError, match="--num_val 30 leaves no training digits"):
+    with pytest.raises(data_utils.UserError,
+                       match="--num_val 30 leaves no training digits"):
         build(tmp_path, small_sources, "none", num_train=30, num_val=30)
     assert not os.path.exists(tmp_path / "none")
 

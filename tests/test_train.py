@@ -241,18 +241,17 @@ def test_a_full_disk_names_the_file_and_the_checkpoint_kept(tiny_data, tmp_path,
     assert not [n for n in os.listdir(model_dir) if n.startswith(".tmp")]
 
 
-def test_train_py_builds_the_default_data_set_only_when_training_on_it(tmp_path,
+def test_training_builds_the_default_data_set_only_when_training_on_it(tmp_path,
                                                                       monkeypatch):
     import common_flags
     import mnist_m
-    import train
 
     default = str(tmp_path / "data" / "mnist_mnistm")
     monkeypatch.setattr(common_flags, "DEFAULT_DATA_DIR", default)
     built = []
     monkeypatch.setattr(mnist_m, "build_mnist_mnistm",
                         lambda output_dir, **kwargs: built.append(output_dir))
-    train.build_default_data_if_missing(str(tmp_path / "mine" / "train"))
+    training.build_default_data_if_missing(str(tmp_path / "mine" / "train"))
     assert built == []
-    train.build_default_data_if_missing(os.path.join(default, "train"))
+    training.build_default_data_if_missing(os.path.join(default, "train"))
     assert built == [default]
