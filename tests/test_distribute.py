@@ -106,10 +106,14 @@ def test_two_workers_give_the_one_process_weights(one_device_run, tiny_data, tmp
     model_dir = str(tmp_path / "workers")
     processes = start_workers([f"--train_dir={tiny_data}/train",
                                f"--model_dir={model_dir}", f"--cache={cache}", *COMMON])
+    outs = []
     for process in processes:
         code, out, err = finished(process)
         assert code == 0, err[-3000:]
+        outs.append(out)
     assert "(--distribute=multi_worker)" in err  # auto chose it from TF_CONFIG
+    said = sorted("as a worker; the chief wrote the run" in out for out in outs)
+    assert said == [False, True], outs  # the chief prints the run's summary instead
     assert_same_weights(os.path.join(one_device_run, "model.keras"),
                         os.path.join(model_dir, "model.keras"))
     history = json.load(open(os.path.join(model_dir, "history.json")))
