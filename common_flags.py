@@ -2,7 +2,7 @@
 
 Defaults follow Ganin & Lempitsky (2015/2016); edit them here. The settings are plain
 data grouped by command: each script defines its own groups as absl flags (`define`),
-and a configuration built in code (`config_class`) is checked by the same rules.
+and a configuration built in code (`TrainConfig`) is checked by the same rules.
 Importing this module defines no flag and loads no TensorFlow.
 """
 
@@ -315,16 +315,44 @@ def recorded_values(flags_file, settings):
     return values(settings, flag_values)
 
 
-def config_class(name, settings):
-    """A frozen dataclass with a field per setting and its default, whose creation
-    raises UserError where a field breaks its setting's rule, as the flag would."""
-    def check(config):
-        for key, setting in settings.items():
-            message = problem(setting, getattr(config, key))
-            if message:
-                raise UserError(f"--{key} {message}")
+def _default(name):
+    return dataclasses.field(default=TRAIN[name].default)
 
-    fields = [(key, object, dataclasses.field(default=setting.default))
-              for key, setting in settings.items()]
-    return dataclasses.make_dataclass(name, fields, frozen=True,
-                                      namespace={"__post_init__": check})
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on: train.py's flags (TRAIN), with their
+    defaults; building one raises UserError where a value breaks its flag's rule."""
+    train_dir: str = _default("train_dir")
+    val_dir: str | None = _default("val_dir")
+    img_width: int = _default("img_width")
+    img_height: int = _default("img_height")
+    img_mode: str = _default("img_mode")
+    skip_bad_images: bool = _default("skip_bad_images")
+    augment: bool = _default("augment")
+    cache: str = _default("cache")
+    model: str = _default("model")
+    weights: str = _default("weights")
+    fixed_lambda: float = _default("fixed_lambda")
+    model_dir: str = _default("model_dir")
+    mode: str = _default("mode")
+    num_epochs: int = _default("num_epochs")
+    batch_size: int = _default("batch_size")
+    steps_per_execution: int = _default("steps_per_execution")
+    seed: int = _default("seed")
+    precision: str = _default("precision")
+    distribute: str = _default("distribute")
+    log_rate: int = _default("log_rate")
+    restore_model: bool = _default("restore_model")
+    overwrite: bool = _default("overwrite")
+    lr: float = _default("lr")
+    momentum: float = _default("momentum")
+    lr_alpha: float = _default("lr_alpha")
+    lr_beta: float = _default("lr_beta")
+    gamma: float = _default("gamma")
+
+    def __post_init__(self):
+        for name, setting in TRAIN.items():
+            message = problem(setting, getattr(self, name))
+            if message:
+                raise UserError(f"--{name} {message}")

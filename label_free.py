@@ -90,8 +90,8 @@ def reverse_validation(model, source, target, pseudo_labels, recipe):
     unlabelled source images, then scored on the source images' labels.
 
     Args:
-        recipe: {lr, momentum, lr_alpha, lr_beta, gamma, batch_size, num_epochs, seed,
-            precision, weights, fixed_lambda}, the run's own flags.
+        recipe: the run's own train.py flags ({name: value}); of them, what
+            `models.dann_from_recipe` reads and batch_size, num_epochs, seed.
     """
     shape = model.image_shape
     keras.utils.set_random_seed(recipe["seed"])
@@ -100,12 +100,10 @@ def reverse_validation(model, source, target, pseudo_labels, recipe):
     reverse_target = cache.DomainImages(source, shape[:2], shape[2])
     steps = data_utils.steps_per_epoch(len(target), len(source), recipe["batch_size"])
     mean = models.input_mean(model.network, (reverse_source, reverse_target))
-    reverse = models.build_dann(
-        shape, model.num_classes, mean, "dann", steps * recipe["num_epochs"],
-        recipe["lr"], recipe["momentum"], recipe["lr_alpha"], recipe["lr_beta"],
-        recipe["gamma"], precision=recipe["precision"], network=model.network,
-        weights=recipe["weights"], fixed_lambda=recipe["fixed_lambda"],
-        augment=model.augment)
+    # As the evaluated model was built: an older run's flags.txt may lack --model.
+    reverse = models.dann_from_recipe(
+        {**recipe, "mode": "dann", "model": model.network, "augment": model.augment},
+        shape, model.num_classes, mean, steps * recipe["num_epochs"])
     batches = data_utils.training_dataset(reverse_source, reverse_target, "source",
                                           recipe["batch_size"], recipe["seed"],
                                           augment=model.augment)

@@ -281,6 +281,19 @@ def build_dann(input_shape, num_classes, mean, mode, total_steps, lr=0.01,
     return model
 
 
+def dann_from_recipe(recipe, input_shape, num_classes, mean, total_steps,
+                     class_names=None):
+    """A compiled `DANN` as a run's recipe says: `recipe` holds train.py's flags
+    ({name: value}: mode, model, lr, momentum, lr_alpha, lr_beta, gamma, precision,
+    weights, fixed_lambda, augment); the other arguments are `build_dann`'s."""
+    return build_dann(
+        input_shape, num_classes, mean, recipe["mode"], total_steps, recipe["lr"],
+        recipe["momentum"], recipe["lr_alpha"], recipe["lr_beta"], recipe["gamma"],
+        class_names, precision=recipe["precision"], network=recipe["model"],
+        weights=recipe["weights"], fixed_lambda=recipe["fixed_lambda"],
+        augment=recipe["augment"])
+
+
 def input_mean(network, domains):
     """The per-channel mean `network` normalises its input by: for the digit networks
     that of the training images of `domains` (`cache.DomainImages`), one decoding pass;

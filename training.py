@@ -1,5 +1,6 @@
 """One training run, as train.py asks for it: data in, a complete run folder out."""
 
+import dataclasses
 import functools
 import math
 import os
@@ -22,9 +23,7 @@ import run_folder
 from file_utils import DiskFull, UserError, save_atomically, write_atomically
 from run_folder import checkpoint_path, latest_checkpoint
 
-TrainConfig = common_flags.config_class("TrainConfig", common_flags.TRAIN)
-TrainConfig.__doc__ = """Everything a training run depends on: train.py's flags, with
-their defaults, checked by the same rules when built in code."""
+TrainConfig = common_flags.TrainConfig
 
 
 def image_shape(config):
@@ -90,13 +89,10 @@ class HistoryWriter(keras.callbacks.Callback):
 def new_model(config, data, total_steps):
     """A compiled DANN; a digit network's input normalisation is the training images'
     channel mean."""
-    return models.build_dann(
-        image_shape(config), len(data.train.class_names),
-        models.input_mean(config.model, (data.source, data.target)), config.mode,
-        total_steps, config.lr, config.momentum, config.lr_alpha, config.lr_beta,
-        config.gamma, data.train.class_names, precision=config.precision,
-        network=config.model, weights=config.weights, fixed_lambda=config.fixed_lambda,
-        augment=config.augment)
+    return models.dann_from_recipe(
+        dataclasses.asdict(config), image_shape(config), len(data.train.class_names),
+        models.input_mean(config.model, (data.source, data.target)), total_steps,
+        data.train.class_names)
 
 
 def restore(config, total_steps):

@@ -228,6 +228,24 @@ def test_flag_choices_are_the_models_modes_and_precisions():
     assert common_flags.RUN["precision"].choices == models.PRECISIONS
 
 
+def test_train_config_has_a_typed_field_per_train_flag_with_its_default():
+    import dataclasses
+
+    import common_flags
+
+    fields = dataclasses.fields(common_flags.TrainConfig)
+    assert [field.name for field in fields] == list(common_flags.TRAIN)
+    for field in fields:
+        default = common_flags.TRAIN[field.name].default
+        assert field.default == default
+        assert field.type == (str | None if default is None else type(default)), \
+            field.name
+    with pytest.raises(common_flags.UserError, match="--batch_size must be a positive"):
+        common_flags.TrainConfig(batch_size=0)
+    with pytest.raises(common_flags.UserError, match="--mode must be one of"):
+        common_flags.TrainConfig(mode="adversarial")
+
+
 def test_mixed_precision_keeps_normalisation_lambda_and_logits_in_float32():
     model = models.build_dann((28, 28, 3), 10, [0.5] * 3, "dann", 100,
                               precision="mixed_bfloat16")
