@@ -213,6 +213,11 @@ def build_seconds(output_dir, **limits):
     return time.perf_counter() - started
 
 
+def in_repository(path):
+    """`path` as a committed record names it: relative to the repository."""
+    return os.path.relpath(os.path.abspath(path), REPO)
+
+
 def versions():
     return {"python": platform.python_version(), "tensorflow": tf.__version__,
             "keras": keras.__version__, "numpy": np.__version__}

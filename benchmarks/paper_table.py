@@ -224,7 +224,7 @@ def main(argv):
     if not os.path.isdir(data_dir):
         mnist_m.build_mnist_mnistm(data_dir, cache_dir=common_flags.CACHE_DIR)
     record = os.path.join(data_dir, "dataset.json")
-    data = {"path": data_dir}
+    data = {"path": bench.in_repository(data_dir)}
     if os.path.exists(record):
         with open(record) as handle:
             data.update(json.load(handle))

@@ -138,7 +138,7 @@ def main(argv):
     result = {"configs": rows, "validators": validators, "oracle_target_accuracy": oracle,
               "seed_check": seed_check(rows, FLAGS.data_dir, FLAGS.runs_dir,
                                        FLAGS.check_seed),
-              "data_dir": FLAGS.data_dir, "machine": bench.machine(),
+              "data_dir": bench.in_repository(FLAGS.data_dir), "machine": bench.machine(),
               "versions": bench.versions(), "commit": paper_table.commit(),
               "wall_seconds": time.perf_counter() - started}
     paper_table.write_results(FLAGS.output_prefix, result, markdown(result))

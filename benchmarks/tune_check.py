@@ -105,12 +105,12 @@ def main(argv):
     baseline = {row["mode"]: row["target_test_accuracy"] for row in rows
                 if (row["lr"], row["gamma"], row["num_epochs"]) == (0.01, 10.0, 20)}
     for row in rows:  # the record names runs relative to the repository
-        row["run"] = os.path.relpath(row["run"], REPO)
+        row["run"] = bench.in_repository(row["run"])
     record = {"trials": FLAGS.trials, "sampler": FLAGS.sampler,
               "objective": FLAGS.objective, "scores": scores, "oracle": oracle,
               "default_recipe_accuracy": baseline.get("dann"),
               "source_only_accuracy": baseline.get("source_only"),
-              "trials_judged": rows, "data": os.path.relpath(FLAGS.data_dir, REPO),
+              "trials_judged": rows, "data": bench.in_repository(FLAGS.data_dir),
               "machine": bench.machine(), "versions": bench.versions(),
               "commit": paper_table.commit(), "wall_seconds": time.perf_counter() - started}
     paper_table.write_results(FLAGS.output_prefix, record, markdown(record))

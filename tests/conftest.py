@@ -1,6 +1,9 @@
-"""Shared fixtures: tiny generated two-domain image folders."""
+"""Shared fixtures and helpers: tiny generated two-domain image folders, the commands
+run or started as a user would, saved weights, and the checks of a one-line error."""
 
+import hashlib
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -10,6 +13,56 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def run_script(script, *args, timeout=600):
+    """Runs one of the repository's commands to its end; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, os.path.join(REPO, script), *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def start_script(script, *args, env=None, merged=False):
+    """Starts one of the repository's commands, unbuffered, its stdout piped (stderr
+    too, or merged into stdout); returns the running process."""
+    return subprocess.Popen(
+        [sys.executable, "-u", os.path.join(REPO, script), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT if merged else subprocess.PIPE,
+        text=True, env=dict(os.environ, **(env or {})))
+
+
+def saved_model(path):
+    """A `.keras` file written by train.py, loaded."""
+    import keras
+
+    import models  # noqa: F401  (registers the DANN classes)
+
+    return keras.saving.load_model(path)
+
+
+def saved_weights(path):
+    """The weights of a `.keras` file written by train.py, as NumPy arrays."""
+    return [weight.numpy() for weight in saved_model(path).weights]
+
+
+def snapshot(folder):
+    """{path: sha256} of every file under `folder`."""
+    digests = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            digests[path] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return digests
+
+
+def assert_one_line_error(result, *fragments):
+    """The command failed with status 2 and a last line `error: ...` holding each of
+    `fragments`, without a traceback."""
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), last
+    for fragment in fragments:
+        assert fragment in last, last
 
 
 def make_image(label, domain, rng, size=28):

@@ -1,6 +1,5 @@
 """Each bad input gives one clear line, a non-zero exit, and leaves the run intact."""
 
-import hashlib
 import json
 import os
 import shutil
@@ -14,17 +13,8 @@ import pytest
 from PIL import Image
 
 import models  # noqa: F401  (registers the DANN classes, for loading saved runs)
-from conftest import write_split
-from test_cli import REPO, run_script
-
-
-def snapshot(folder):
-    digests = {}
-    for root, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(root, name)
-            digests[path] = hashlib.sha256(open(path, "rb").read()).hexdigest()
-    return digests
+from conftest import (REPO, assert_one_line_error, run_script, snapshot, start_script,
+                      write_split)
 
 
 @pytest.fixture(scope="module")
@@ -36,15 +26,6 @@ def existing_run(tiny_data, tmp_path_factory):
     return model_dir
 
 
-def assert_one_line_error(result, *fragments):
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: "), last
-    for fragment in fragments:
-        assert fragment in last, last
-
-
 def train_into(existing_run, train_dir, *extra):
     return run_script("train.py", f"--train_dir={train_dir}",
                       f"--model_dir={existing_run}", "--overwrite", "--num_epochs=1",
@@ -54,9 +35,7 @@ def train_into(existing_run, train_dir, *extra):
 def start_training(args, until_line, signum=None):
     """Starts train.py with `args`; once it prints a line starting with `until_line`,
     sends it `signum` (if given) and returns the running process."""
-    process = subprocess.Popen([sys.executable, "-u", os.path.join(REPO, "train.py"),
-                                *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+    process = start_script("train.py", *args)
     for line in process.stdout:
         if line.startswith(until_line):
             if signum is not None:

@@ -8,13 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_script(script, *args, timeout=600):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run([sys.executable, os.path.join(REPO, script), *args],
-                          capture_output=True, text=True, env=env, timeout=timeout)
+from conftest import REPO, run_script, saved_weights
 
 
 @pytest.fixture(scope="module")
@@ -236,14 +230,6 @@ def test_bench_measures_evaluation_and_its_decoding_alone(trained_run, tiny_data
     assert 0 < evaluate < np.inf and 0 < decode < np.inf
 
 
-def _weights(path):
-    import keras
-
-    import models  # noqa: F401  (registers the DANN classes)
-
-    return [w.numpy() for w in keras.saving.load_model(path).weights]
-
-
 def test_replaying_flags_txt_from_elsewhere_gives_the_same_weights(tiny_data, tmp_path):
     first, elsewhere = tmp_path / "first", tmp_path / "elsewhere"
     for folder in (first, elsewhere):
@@ -262,8 +248,8 @@ def test_replaying_flags_txt_from_elsewhere_gives_the_same_weights(tiny_data, tm
          "--model_dir=runs/again"], cwd=elsewhere, capture_output=True, text=True,
         timeout=600)
     assert replayed.returncode == 0, replayed.stderr[-3000:]
-    for a, b in zip(_weights(first / "runs" / "a" / "model.keras"),
-                    _weights(elsewhere / "runs" / "again" / "model.keras")):
+    for a, b in zip(saved_weights(first / "runs" / "a" / "model.keras"),
+                    saved_weights(elsewhere / "runs" / "again" / "model.keras")):
         np.testing.assert_array_equal(a, b)
 
 
@@ -309,14 +295,14 @@ def test_overwrite_replaces_the_whole_run_eval_outputs_included(tiny_data, tmp_p
     for extra in ("--tsne", "--weights_fname=3"):
         assert run_script("eval.py", f"--model_dir={model_dir}",
                           f"--test_dir={tiny_data}/test", extra).returncode == 0
-    before = _weights(f"{model_dir}/model.keras")
+    before = saved_weights(f"{model_dir}/model.keras")
     result = run_script("train.py", *common, "--seed=3", "--overwrite")
     assert result.returncode == 0, result.stderr[-3000:]
     left = set(os.listdir(model_dir))
     assert "eval" not in left and not [name for name in left if name.startswith(
         ("eval_report", "confusion", "tsne"))], left
     assert "--seed=3" in open(f"{model_dir}/flags.txt").read().split()
-    after = _weights(f"{model_dir}/model.keras")
+    after = saved_weights(f"{model_dir}/model.keras")
     assert any(not np.array_equal(a, b) for a, b in zip(before, after))
 
 

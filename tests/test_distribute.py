@@ -15,14 +15,12 @@ import textwrap
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO, saved_model, start_script
 COMMON = ["--num_epochs=2", "--batch_size=8", "--seed=3", "--steps_per_execution=2"]
 
 
-def train(args, env=None, **popen):
-    return subprocess.Popen([sys.executable, "-u", os.path.join(REPO, "train.py"), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, **(env or {})), **popen)
+def train(args, env=None):
+    return start_script("train.py", *args, env=env)
 
 
 def finished(process, timeout=300):
@@ -31,11 +29,7 @@ def finished(process, timeout=300):
 
 
 def weights(path):
-    import keras
-
-    import models  # noqa: F401  (registers the DANN classes)
-
-    model = keras.saving.load_model(path)
+    model = saved_model(path)
     return [w.numpy() for w in model.weights], int(model.optimizer.iterations.numpy())
 
 

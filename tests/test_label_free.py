@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 import label_free
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO, run_script
 
 
 def test_target_entropy_is_minus_the_mean_entropy():
@@ -75,8 +74,7 @@ def test_dev_weights_the_source_images_that_look_like_the_target():
 
 
 def run(script, *args):
-    result = subprocess.run([sys.executable, os.path.join(REPO, script), *args],
-                            capture_output=True, text=True, timeout=600)
+    result = run_script(script, *args)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_bad_input import assert_one_line_error
-from test_cli import run_script
+from conftest import assert_one_line_error, run_script
 
 CLASSES = ["class_0", "class_1", "class_2"]
 

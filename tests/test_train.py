@@ -12,6 +12,7 @@ import data_utils
 import folders
 import run_folder
 import training
+from conftest import saved_weights
 from file_utils import DiskFull, UserError
 
 
@@ -27,8 +28,7 @@ def run(config):
 
 
 def _weights(model_dir, name="model.keras"):
-    model = keras.saving.load_model(os.path.join(model_dir, name))
-    return [w.numpy() for w in model.weights]
+    return saved_weights(os.path.join(model_dir, name))
 
 
 def _permute_labels(monkeypatch, domain):

@@ -7,14 +7,11 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 
 import pytest
 
-from conftest import unlabel_target
-from test_bad_input import assert_one_line_error
-from test_cli import REPO, run_script
+from conftest import (assert_one_line_error, run_script, start_script,
+                      unlabel_target)
 
 
 def tune_args(data, study_dir, *extra, val="val"):
@@ -92,8 +89,7 @@ def test_permuting_labelled_target_folders_changes_no_score(tune_data, tmp_path)
 
 
 def start_tune(args):
-    return subprocess.Popen([sys.executable, "-u", os.path.join(REPO, "tune.py"), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return start_script("tune.py", *args, merged=True)
 
 
 def test_ctrl_c_then_the_same_command_continues_without_counting_twice(tune_data,

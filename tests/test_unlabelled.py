@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 
 import monitor
-from conftest import unlabel_target
-from test_bad_input import assert_one_line_error, snapshot
-from test_cli import _weights, run_script
+from conftest import (assert_one_line_error, run_script, saved_weights, snapshot,
+                      unlabel_target)
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +54,8 @@ def test_dann_trains_on_an_unlabelled_target_as_on_a_labelled_one(
     # Target labels never reach training: the labelled layout trains the same weights.
     labelled = train(tiny_data, str(tmp_path / "labelled"))
     assert labelled.returncode == 0, labelled.stderr[-3000:]
-    for a, b in zip(_weights(os.path.join(model_dir, "model.keras")),
-                    _weights(str(tmp_path / "labelled" / "model.keras"))):
+    for a, b in zip(saved_weights(os.path.join(model_dir, "model.keras")),
+                    saved_weights(str(tmp_path / "labelled" / "model.keras"))):
         np.testing.assert_array_equal(a, b)
 
 
