@@ -143,6 +143,15 @@ def run_job(data_dir, run_dir, mode, seed, num_epochs, threads, reuse_finished=F
     return report
 
 
+def target_test_accuracy(model_dir, test_dir):
+    """Evaluates a run's final model on the labelled split `test_dir` with eval.py
+    (its output appended to the run's log); returns the target accuracy."""
+    run_commands(model_dir, [
+        ["eval.py", f"--model_dir={model_dir}", f"--test_dir={test_dir}"]], append=True)
+    with open(run_folder.report_path(model_dir, test_dir)) as handle:
+        return json.load(handle)["target_accuracy"]
+
+
 def write_results(prefix, record, text):
     """Writes PREFIX.json (`record`) and PREFIX.md (`text`, its table); prints `text`."""
     write_atomically(f"{prefix}.json", lambda handle: json.dump(record, handle, indent=1))

@@ -75,13 +75,6 @@ def train_and_watch(split_dir, model_dir, mode, seed, num_epochs):
                for key in keys}}
 
 
-def target_test_accuracy(model_dir, test_dir):
-    paper_table.run_commands(model_dir, [
-        ["eval.py", f"--model_dir={model_dir}", f"--test_dir={test_dir}"]], append=True)
-    with open(run_folder.report_path(model_dir, test_dir)) as handle:
-        return json.load(handle)["target_accuracy"]
-
-
 def markdown(record):
     lines = [f"{record['num_source']:,} labelled source digits (MNIST), "
              f"{record['num_target']:,} unlabelled target digits (MNIST-M-style), "
@@ -118,7 +111,7 @@ def main(argv):
     # Only now, every run trained and its warnings recorded, the target test labels.
     test_dir = os.path.join(FLAGS.data_dir, "test")
     for name, run in runs.items():
-        run["target_test_accuracy"] = target_test_accuracy(
+        run["target_test_accuracy"] = paper_table.target_test_accuracy(
             os.path.join(FLAGS.runs_dir, name), test_dir)
     accuracies = {mode: [run["target_test_accuracy"] for name, run in runs.items()
                          if name.startswith(f"{mode}-")] for mode in MODES}

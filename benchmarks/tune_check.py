@@ -12,7 +12,6 @@ have ranked source-only, and the wall time.
 """
 
 import csv
-import json
 import os
 import time
 
@@ -22,7 +21,6 @@ import bench  # this folder's benchmark; importing it puts the repository on sys
 import paper_table
 
 import mnist_m  # noqa: E402
-import run_folder  # noqa: E402
 import tuning  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -40,13 +38,6 @@ def finished_trials(study_dir):
                 row[key] = float(value)
         row["trial"], row["num_epochs"] = int(row["trial"]), int(row["num_epochs"])
     return rows
-
-
-def target_test_accuracy(model_dir, test_dir):
-    paper_table.run_commands(model_dir, [
-        ["eval.py", f"--model_dir={model_dir}", f"--test_dir={test_dir}"]], append=True)
-    with open(run_folder.report_path(model_dir, test_dir)) as handle:
-        return json.load(handle)["target_accuracy"]
 
 
 def judge(rows):
@@ -99,8 +90,8 @@ def main(argv):
     rows = finished_trials(FLAGS.study_dir)
     # Only now, the study ended, are the target test labels read.
     for row in rows:
-        row["target_test_accuracy"] = target_test_accuracy(row["run"],
-                                                           f"{FLAGS.data_dir}/test")
+        row["target_test_accuracy"] = paper_table.target_test_accuracy(
+            row["run"], f"{FLAGS.data_dir}/test")
     scores, oracle = judge(rows)
     baseline = {row["mode"]: row["target_test_accuracy"] for row in rows
                 if (row["lr"], row["gamma"], row["num_epochs"]) == (0.01, 10.0, 20)}
