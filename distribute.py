@@ -35,8 +35,8 @@ def tf_config_workers():
     try:
         config = json.loads(os.environ.get("TF_CONFIG") or "{}")
     except json.JSONDecodeError as error:
-        raise UserError(f"TF_CONFIG is not valid JSON ({error}): see the README's "
-                        "'Several devices and machines' for its form") from None
+        raise UserError(f"TF_CONFIG is not valid JSON ({error}): see "
+                        "docs/distributed.md for its form") from None
     return config.get("cluster", {}).get("worker", [])
 
 
@@ -56,8 +56,7 @@ def choose(name):
     if name == "multi_worker":
         if not tf_config_workers():
             raise UserError("--distribute=multi_worker needs TF_CONFIG naming the "
-                            "workers on every machine: see the README's 'Several "
-                            "devices and machines'")
+                            "workers on every machine: see docs/distributed.md")
         options = tf.distribute.experimental.CommunicationOptions(
             timeout_seconds=COLLECTIVE_TIMEOUT_S)
         strategy = tf.distribute.MultiWorkerMirroredStrategy(

@@ -117,6 +117,9 @@ def tiny_data(tmp_path_factory):
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "network: needs PyPI (skip with -m 'not network' when offline)")
+    config.addinivalue_line(
+        "markers", "slow: starts training processes, workers, studies or grids (the "
+        "fast tier, -m 'not slow', leaves them to CI)")
     # Keras 3.15's own saving code calls np.array(x) on its variables, which NumPy 2
     # warns about once per variable saved; nothing in this project can change it.
     config.addinivalue_line(
