@@ -125,6 +125,31 @@ class TrainingStopped(Exception):
         self.exit_code = exit_code
 
 
+class SignalsRecorded:
+    """While active, SIGINT and SIGTERM are recorded (`received`) instead of raising
+    KeyboardInterrupt, which a finaliser running at that moment would swallow; a
+    `StopGuard` entered meanwhile stops at its first step on a recorded signal."""
+    active, received, _previous = False, None, {}
+
+    def __enter__(self):
+        SignalsRecorded.active, SignalsRecorded.received = True, None
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self.record)
+        return self
+
+    def __exit__(self, *exc_info):
+        SignalsRecorded.active, SignalsRecorded.received = False, None
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    @staticmethod
+    def record(signum, frame=None):
+        """A signal handler: records `signum` while a SignalsRecorded is active."""
+        del frame
+        if SignalsRecorded.active:
+            SignalsRecorded.received = signum
+
+
 class StopGuard(keras.callbacks.Callback):
     """Stops cleanly on SIGINT/SIGTERM (saving a checkpoint first) or a non-finite loss.
 
@@ -140,6 +165,7 @@ class StopGuard(keras.callbacks.Callback):
         self.received, self.epoch, self.previous_handlers = None, 0, {}
 
     def __enter__(self):
+        self.received = SignalsRecorded.received
         for signum in (signal.SIGINT, signal.SIGTERM):
             self.previous_handlers[signum] = signal.signal(signum, self._on_signal)
         return self
@@ -151,6 +177,7 @@ class StopGuard(keras.callbacks.Callback):
     def _on_signal(self, signum, frame):
         del frame
         self.received = signum
+        SignalsRecorded.record(signum)
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch + 1

@@ -13,6 +13,7 @@ default recipe, scored the same way.
 import csv
 import math
 import os
+import signal
 import time
 import warnings
 
@@ -175,6 +176,10 @@ def objective_function(settings, study_dir, objective, n_trials, verbose):
         if len(started) > n_trials:
             trial.study.stop()
             raise NotNeeded()
+        if training.SignalsRecorded.received:  # Ctrl-C after the last trial ended
+            name = signal.Signals(training.SignalsRecorded.received).name
+            raise training.TrainingStopped(f"{name} between two trials",
+                                           128 + training.SignalsRecorded.received)
         config = trial_config(trial, settings, study_dir)
         logging.info("trial %d: %s %s into %s", trial.number, config.mode,
                      {name: getattr(config, name) for name in SEARCH_SPACE},
@@ -317,12 +322,13 @@ def run(settings, study_dir, trials=16, sampler="tpe", objective="snd", storage=
     counted = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     try:
         if len(study_trials(study, counted)) < trials:
-            study.optimize(
-                objective_function(settings, study_dir, objective, trials, verbose),
-                callbacks=[optuna.study.MaxTrialsCallback(trials, states=counted),
-                           lambda study, trial: after_trial(study, trial, study_dir,
-                                                            objective)],
-                catch=(NotNeeded,))
+            with training.SignalsRecorded():
+                study.optimize(
+                    objective_function(settings, study_dir, objective, trials, verbose),
+                    callbacks=[optuna.study.MaxTrialsCallback(trials, states=counted),
+                               lambda study, trial: after_trial(study, trial, study_dir,
+                                                                objective)],
+                    catch=(NotNeeded,))
     finally:
         rows = write_outputs(study, study_dir, objective)
     return rows

@@ -181,6 +181,18 @@ def test_signals_at_epoch_ends_keep_every_epochs_history_row(tiny_data, tmp_path
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_signal_recorded_before_training_stops_it_at_its_first_steps(tiny_data,
+                                                                       tmp_path):
+    # tune.py records Ctrl-C while it loads a trial's data: Python's KeyboardInterrupt
+    # could land in a finaliser there and be lost.
+    with training.SignalsRecorded():
+        os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(training.TrainingStopped, match="SIGINT at epoch 1, step 6"):
+            run(_config(tiny_data, tmp_path / "run", num_epochs=2))
+    assert os.listdir(tmp_path / "run" / "checkpoints") == ["ckpt-00000006.keras"]
+    assert training.SignalsRecorded.received is None  # nothing left for the next run
+
+
 def test_a_diverging_loss_stops_with_the_epoch_and_step(tiny_data, tmp_path):
     model_dir = tmp_path / "run"
     with pytest.raises(training.TrainingStopped, match=r"loss became (nan|inf) at epoch 1"):
