@@ -16,6 +16,8 @@ import models  # noqa: F401  (registers the DANN classes, for loading saved runs
 from conftest import (REPO, assert_one_line_error, run_script, snapshot, start_script,
                       write_split)
 
+pytestmark = pytest.mark.slow  # processes: the fast tier leaves them to CI
+
 
 @pytest.fixture(scope="module")
 def existing_run(tiny_data, tmp_path_factory):

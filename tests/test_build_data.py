@@ -338,6 +338,7 @@ def test_build_refuses_an_existing_folder(tmp_path, small_sources):
         build(tmp_path, small_sources, "a")
 
 
+@pytest.mark.slow
 def test_builder_command_line(tmp_path, small_sources):
     npz, photos = small_sources
     out = str(tmp_path / "cli")

@@ -63,6 +63,7 @@ def test_saved_flags_are_train_py_flags_only(trained_run):
                            "mnist_path", "model_dir", "overwrite", "restore_model"}
 
 
+@pytest.mark.slow
 def test_restore_model_continues_the_step_count(trained_run, tiny_data, tmp_path):
     flags_file = os.path.join(trained_run, "flags.txt")
     model_dir = str(tmp_path / "longer")
@@ -86,6 +87,7 @@ def test_bad_flag_values_are_refused_before_anything_loads(flag, tmp_path):
     assert not os.path.exists(tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_eval_without_a_model_is_one_clear_line(tmp_path, tiny_data):
     result = run_script("eval.py", f"--model_dir={tmp_path}",
                         f"--test_dir={tiny_data}/test")
@@ -94,6 +96,7 @@ def test_eval_without_a_model_is_one_clear_line(tmp_path, tiny_data):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_eval_of_a_missing_checkpoint_lists_the_saved_ones(trained_run, tiny_data):
     result = run_script("eval.py", f"--model_dir={trained_run}", "--weights_fname=5",
                         f"--test_dir={tiny_data}/test")
@@ -103,6 +106,7 @@ def test_eval_of_a_missing_checkpoint_lists_the_saved_ones(trained_run, tiny_dat
     assert "model.keras, checkpoints/ckpt-00000006.keras" in last, last
 
 
+@pytest.mark.slow
 def test_eval_tsne_draws_the_features_of_both_domains(trained_run, tiny_data):
     result = run_script("eval.py", f"--model_dir={trained_run}",
                         f"--test_dir={tiny_data}/test", "--tsne")
@@ -111,6 +115,7 @@ def test_eval_tsne_draws_the_features_of_both_domains(trained_run, tiny_data):
     assert os.path.getsize(tsne) > 5000 and tsne in result.stdout
 
 
+@pytest.mark.slow
 def test_paper_table_writes_the_documented_shape(tiny_data, tmp_path):
     prefix = str(tmp_path / "table")
 
@@ -230,6 +235,7 @@ def test_bench_measures_evaluation_and_its_decoding_alone(trained_run, tiny_data
     assert 0 < evaluate < np.inf and 0 < decode < np.inf
 
 
+@pytest.mark.slow
 def test_replaying_flags_txt_from_elsewhere_gives_the_same_weights(tiny_data, tmp_path):
     first, elsewhere = tmp_path / "first", tmp_path / "elsewhere"
     for folder in (first, elsewhere):
@@ -253,6 +259,7 @@ def test_replaying_flags_txt_from_elsewhere_gives_the_same_weights(tiny_data, tm
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_replaying_a_run_with_overwrite_trains_elsewhere_and_keeps_it(trained_run,
                                                                       tmp_path):
     victim = os.path.join(trained_run, "model.keras")
@@ -277,6 +284,7 @@ def test_help_lists_the_commands_own_flags_and_exits_0(script):
     assert all((flag in result.stdout) == (name == script) for name, flag in own.items())
 
 
+@pytest.mark.slow
 def test_plots_py_draws_where_told_and_says_so(tiny_data, tmp_path):
     unknown = run_script("plots.py", "--no_such_flag", f"--output_dir={tmp_path}/a")
     assert unknown.returncode == 2 and not os.path.exists(tmp_path / "a")
@@ -287,6 +295,7 @@ def test_plots_py_draws_where_told_and_says_so(tiny_data, tmp_path):
     assert all(os.path.getsize(path) > 0 for path in written)
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_the_whole_run_eval_outputs_included(tiny_data, tmp_path):
     model_dir = str(tmp_path / "run")
     common = [f"--train_dir={tiny_data}/train", f"--model_dir={model_dir}",
@@ -306,6 +315,7 @@ def test_overwrite_replaces_the_whole_run_eval_outputs_included(tiny_data, tmp_p
     assert any(not np.array_equal(a, b) for a, b in zip(before, after))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["checkpoints/ckpt-00000006.keras",
                                   "ckpt-00000006.keras", "ckpt-6.keras", "6"])
 def test_eval_of_a_checkpoint_keeps_the_final_models_report(trained_run, tiny_data,
@@ -327,6 +337,7 @@ def test_eval_of_a_checkpoint_keeps_the_final_models_report(trained_run, tiny_da
                                            "ckpt-00000006.keras")
 
 
+@pytest.mark.slow
 def test_eval_of_a_checkpoint_reports_its_exact_accuracy(trained_run, tiny_data):
     import data_utils
     import evaluation

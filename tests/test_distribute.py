@@ -50,6 +50,7 @@ def one_device_run(tiny_data, tmp_path_factory):
     return model_dir
 
 
+@pytest.mark.slow
 def test_two_mirrored_devices_give_the_one_device_weights(one_device_run, tiny_data,
                                                            tmp_path):
     model_dir = str(tmp_path / "mirrored")
@@ -94,6 +95,7 @@ def start_workers(args, count=2):
         for index in range(count)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cache", ["auto", "disk"])
 def test_two_workers_give_the_one_process_weights(one_device_run, tiny_data, tmp_path,
                                                   cache):
@@ -117,6 +119,7 @@ def test_two_workers_give_the_one_process_weights(one_device_run, tiny_data, tmp
         assert len(os.listdir(os.path.join(model_dir, "decoded_cache"))) == 2
 
 
+@pytest.mark.slow
 def test_a_worker_that_dies_stops_the_other_with_one_clear_line(tiny_data, tmp_path):
     chief, other = start_workers([f"--train_dir={tiny_data}/train",
                                   f"--model_dir={tmp_path / 'run'}", "--num_epochs=500",
@@ -136,6 +139,7 @@ def test_a_worker_that_dies_stops_the_other_with_one_clear_line(tiny_data, tmp_p
     ({"TF_CONFIG": "{not json"}, [], "TF_CONFIG is not valid JSON"),
     ({"TF_CONFIG": ""}, ["--distribute=multi_worker"], "needs TF_CONFIG"),
 ])
+@pytest.mark.slow
 def test_bad_distribution_settings_are_one_line(tiny_data, tmp_path, env, args,
                                                 fragment):
     code, _, err = finished(train([f"--train_dir={tiny_data}/train",
@@ -161,6 +165,7 @@ def test_a_batch_that_does_not_split_over_the_replicas_is_refused():
     distribute.check_batch_size(7, tf.distribute.get_strategy())
 
 
+@pytest.mark.slow
 def test_a_bfloat16_run_trains_evaluates_and_resumes_only_in_bfloat16(tiny_data,
                                                                       tmp_path):
     model_dir = str(tmp_path / "bf16")
@@ -181,6 +186,7 @@ def test_a_bfloat16_run_trains_evaluates_and_resumes_only_in_bfloat16(tiny_data,
             "float32") in err.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_workers_stopped_by_a_signal_resume_to_the_one_process_weights(
         one_device_run, tiny_data, tmp_path):
     args = [f"--train_dir={tiny_data}/train", f"--model_dir={tmp_path / 'run'}", *COMMON]

@@ -79,6 +79,7 @@ def run(script, *args):
     return result
 
 
+@pytest.mark.slow
 def test_scores_never_read_target_labels(tiny_data, tmp_path):
     model_dir = str(tmp_path / "run")
     run("train.py", f"--train_dir={tiny_data}/train", f"--model_dir={model_dir}",
@@ -102,6 +103,7 @@ def test_scores_never_read_target_labels(tiny_data, tmp_path):
     assert scores[0] == scores[1]
 
 
+@pytest.mark.slow
 def test_reverse_validation_without_the_runs_flags_is_one_line(tiny_data, tmp_path):
     model_dir = str(tmp_path / "run")
     run("train.py", f"--train_dir={tiny_data}/train", f"--model_dir={model_dir}",
@@ -117,6 +119,7 @@ def test_reverse_validation_without_the_runs_flags_is_one_line(tiny_data, tmp_pa
     assert not os.path.exists(os.path.join(model_dir, "eval"))
 
 
+@pytest.mark.slow
 def test_selection_benchmark_writes_the_documented_shape(tmp_path):
     from conftest import write_split
 

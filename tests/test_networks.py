@@ -91,6 +91,7 @@ def test_the_backbone_learns_at_a_tenth_of_the_heads_rate():
                                    rtol=1e-3, atol=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model, extra", [
     ("svhn", []), ("keras_dann", ["--fixed_lambda=1"]),
     ("resnet50", ["--img_width=32", "--img_height=32", "--weights=none"])])
@@ -111,6 +112,7 @@ def test_every_model_trains_saves_reloads_and_evaluates(tiny_data, tmp_path, mod
     assert saved.network == model
 
 
+@pytest.mark.slow
 def test_dropout_augmentation_and_disk_cache_resume_exactly(tiny_data, tmp_path):
     settings = dict(model="keras_dann", augment=True, cache="disk")
     run(_config(tiny_data, tmp_path / "full", **settings))

@@ -15,6 +15,8 @@ from PIL import Image
 
 from conftest import assert_one_line_error, run_script
 
+pytestmark = pytest.mark.slow  # processes: the fast tier leaves them to CI
+
 CLASSES = ["class_0", "class_1", "class_2"]
 
 

@@ -53,6 +53,7 @@ def test_target_labels_never_reach_the_training_loss(tiny_data, tmp_path, monkey
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_permuted_source_labels_do_change_the_weights(tiny_data, tmp_path, monkeypatch):
     # The control for the test above: the comparison can detect label use.
     run(_config(tiny_data, tmp_path / "true", num_epochs=1))
@@ -62,6 +63,7 @@ def test_permuted_source_labels_do_change_the_weights(tiny_data, tmp_path, monke
     assert any(not np.array_equal(a, b) for a, b in pairs)
 
 
+@pytest.mark.slow
 def test_steps_per_execution_does_not_change_the_result(tiny_data, tmp_path):
     run(_config(tiny_data, tmp_path / "one", steps_per_execution=1))
     run(_config(tiny_data, tmp_path / "four", steps_per_execution=4))
@@ -69,6 +71,7 @@ def test_steps_per_execution_does_not_change_the_result(tiny_data, tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_weights(tiny_data, tmp_path):
     run(_config(tiny_data, tmp_path / "a", num_epochs=1))
     run(_config(tiny_data, tmp_path / "b", num_epochs=1))
@@ -76,6 +79,7 @@ def test_same_seed_gives_identical_weights(tiny_data, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("steps_per_execution", [1, 4])
 def test_resuming_after_epoch_one_gives_the_uninterrupted_weights(tiny_data, tmp_path,
                                                                  steps_per_execution):
@@ -98,6 +102,7 @@ def test_resuming_after_epoch_one_gives_the_uninterrupted_weights(tiny_data, tmp
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_refuses_to_overwrite_an_existing_run(tiny_data, tmp_path):
     run(_config(tiny_data, tmp_path / "run", num_epochs=1))
     before = sorted(os.listdir(tmp_path / "run"))
@@ -129,6 +134,7 @@ def test_history_records_the_schedules_and_validation(tiny_data, tmp_path):
     assert second["run_seconds"] >= first["run_seconds"] + second["epoch_seconds"]
 
 
+@pytest.mark.slow
 def test_sigint_saves_a_checkpoint_and_resuming_gives_the_uninterrupted_weights(
         tiny_data, tmp_path, monkeypatch):
     run(_config(tiny_data, tmp_path / "full"))
@@ -157,6 +163,7 @@ def test_sigint_saves_a_checkpoint_and_resuming_gives_the_uninterrupted_weights(
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_signals_at_epoch_ends_keep_every_epochs_history_row(tiny_data, tmp_path,
                                                               monkeypatch):
     run(_config(tiny_data, tmp_path / "full", num_epochs=3))
@@ -181,6 +188,7 @@ def test_signals_at_epoch_ends_keep_every_epochs_history_row(tiny_data, tmp_path
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_a_signal_recorded_before_training_stops_it_at_its_first_steps(tiny_data,
                                                                        tmp_path):
     # tune.py records Ctrl-C while it loads a trial's data: Python's KeyboardInterrupt
@@ -220,6 +228,7 @@ def test_a_config_built_in_code_is_checked_like_the_flags(tiny_data, tmp_path, o
         _config(tiny_data, tmp_path / "run", **override)
 
 
+@pytest.mark.slow
 def test_grayscale_trains_saves_and_evaluates_on_one_channel(tiny_data, tmp_path):
     import evaluation
 

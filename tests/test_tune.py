@@ -13,6 +13,8 @@ import pytest
 from conftest import (assert_one_line_error, run_script, start_script,
                       unlabel_target)
 
+pytestmark = pytest.mark.slow  # processes: the fast tier leaves them to CI
+
 
 def tune_args(data, study_dir, *extra, val="val"):
     return [f"--train_dir={data}/train", f"--val_dir={data}/{val}",

@@ -39,6 +39,7 @@ def unlabelled_run(unlabelled_data, tmp_path_factory):
     return model_dir, result
 
 
+@pytest.mark.slow
 def test_dann_trains_on_an_unlabelled_target_as_on_a_labelled_one(
         unlabelled_run, tiny_data, tmp_path):
     model_dir, result = unlabelled_run
@@ -59,6 +60,7 @@ def test_dann_trains_on_an_unlabelled_target_as_on_a_labelled_one(
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_source_only_trains_on_a_nested_unlabelled_target(unlabelled_data, tmp_path):
     data = str(tmp_path / "data")
     shutil.copytree(unlabelled_data, data)
@@ -70,6 +72,7 @@ def test_source_only_trains_on_a_nested_unlabelled_target(unlabelled_data, tmp_p
     assert "monitor_domain_accuracy" in result.stdout
 
 
+@pytest.mark.slow
 def test_target_only_refuses_an_unlabelled_target(unlabelled_data, tmp_path):
     result = train(unlabelled_data, str(tmp_path / "run"), "--mode=target_only")
     assert_one_line_error(result, "--mode target_only", f"{unlabelled_data}/train/target",
@@ -77,6 +80,7 @@ def test_target_only_refuses_an_unlabelled_target(unlabelled_data, tmp_path):
     assert not os.path.exists(tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_a_target_of_both_layouts_is_refused_before_anything_is_written(
         unlabelled_data, tiny_data, tmp_path):
     data = str(tmp_path / "data")
@@ -97,6 +101,7 @@ def eval_report(model_dir, split, name="eval_report.json"):
         return json.load(handle)
 
 
+@pytest.mark.slow
 def test_eval_reports_no_accuracy_for_a_target_without_labels(unlabelled_run,
                                                               unlabelled_data):
     model_dir, _ = unlabelled_run
@@ -117,6 +122,7 @@ def test_eval_reports_no_accuracy_for_a_target_without_labels(unlabelled_run,
                        "confusion_domain.png"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kept", ["source", "target"])
 def test_eval_takes_a_split_of_one_domain(unlabelled_run, unlabelled_data, tmp_path,
                                           kept):
@@ -137,6 +143,7 @@ def test_eval_takes_a_split_of_one_domain(unlabelled_run, unlabelled_data, tmp_p
     assert_one_line_error(reverse, "--reverse_validation needs both domains", split)
 
 
+@pytest.mark.slow
 def test_evaluations_of_different_splits_keep_each_others_files(unlabelled_run,
                                                                 unlabelled_data,
                                                                 tiny_data, tmp_path):
@@ -162,6 +169,7 @@ def test_evaluations_of_different_splits_keep_each_others_files(unlabelled_run,
     assert eval_report(model_dir, "test")["test_dir"] == test
 
 
+@pytest.mark.slow
 def test_a_run_whose_features_stay_apart_warns_once(tiny_data, tmp_path):
     # gamma 0 keeps lambda at 0: the domain head learns, the features never align.
     result = run_script("train.py", f"--train_dir={tiny_data}/train",
@@ -173,6 +181,7 @@ def test_a_run_whose_features_stay_apart_warns_once(tiny_data, tmp_path):
     assert "1 warning" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_target_the_domain_classifier_cannot_tell_apart_gives_no_warning(
         tiny_data, tmp_path):
     data = str(tmp_path / "same")
