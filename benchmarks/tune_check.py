@@ -72,7 +72,9 @@ def markdown(record):
               f"{record['default_recipe_accuracy']:.4f}; source-only: "
               f"{record['source_only_accuracy']:.4f}.",
               f"Machine: {record['machine']['cpu']}, {record['machine']['cores']} "
-              f"cores; {record['wall_seconds'] / 3600:.1f} hours."]
+              f"cores; the trials took {record['trial_seconds'] / 3600:.1f} hours in "
+              f"all (this call {record['wall_seconds'] / 3600:.1f}: a study continued "
+              "from an earlier call counts only its own part)."]
     return "\n".join(lines) + "\n"
 
 
@@ -103,7 +105,8 @@ def main(argv):
               "source_only_accuracy": baseline.get("source_only"),
               "trials_judged": rows, "data": bench.in_repository(FLAGS.data_dir),
               "machine": bench.machine(), "versions": bench.versions(),
-              "commit": paper_table.commit(), "wall_seconds": time.perf_counter() - started}
+              "commit": paper_table.commit(), "wall_seconds": time.perf_counter() - started,
+              "trial_seconds": sum(row["seconds"] for row in rows)}
     paper_table.write_results(FLAGS.output_prefix, record, markdown(record))
 
 
