@@ -10,6 +10,7 @@ baselines, enqueued when it is created: `--mode source_only` and DANN with the
 default recipe, scored the same way.
 """
 
+import contextlib
 import csv
 import math
 import os
@@ -40,6 +41,7 @@ HEARTBEAT_S, GRACE_S = 60, 180  # a trial whose process died is retried after th
 STUDY_NAME = "dann"
 TRIALS_CSV, FIGURE, BEST_LINK, STUDY_DB = ("trials.csv", "trials.png", "best",
                                            "study.db")
+STUDY_LOCK = ".study.lock"
 
 
 class NotNeeded(Exception):
@@ -105,6 +107,31 @@ def open_study(storage, objective):
                         f"{objective}: pass --objective {recorded}, or another "
                         "--study_dir or --storage for a new study")
     return study, False
+
+
+@contextlib.contextmanager
+def study_lock(study_dir):
+    """One process of this machine at a time in the block. SQLite has no row locks:
+    two processes drawing a trial at the same moment could both draw the same queued
+    one, or both queue the same retry. (Across machines, PostgreSQL's or MySQL's row
+    locks do this.)"""
+    with open(os.path.join(study_dir, STUDY_LOCK), "a") as handle:
+        if run_folder.fcntl:
+            run_folder.fcntl.flock(handle, run_folder.fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
+
+
+def drawing_alone(study, study_dir):
+    """`study`, whose `ask` (through which `study.optimize` draws every trial) now
+    holds the study lock."""
+    ask = study.ask
+
+    def ask_alone(*args, **kwargs):
+        with study_lock(study_dir):
+            return ask(*args, **kwargs)
+
+    study.ask = ask_alone
+    return study
 
 
 def retry_stopped(study):
@@ -286,13 +313,14 @@ def prepare_study(study_dir, storage, objective, sampler, sampler_seed):
     """The study, opened or created, with its sampler and its stopped trials
     enqueued again."""
     os.makedirs(study_dir, exist_ok=True)
-    study, created = open_study(storage_of(storage, study_dir), objective)
-    # Processes that join a study draw apart: the same seed would propose the same
-    # trials in each.
-    study.sampler = sampler_of(sampler, sampler_seed if created else
-                               sampler_seed + os.getpid())
-    retry_stopped(study)
-    return study
+    with study_lock(study_dir):
+        study, created = open_study(storage_of(storage, study_dir), objective)
+        # Processes that join a study draw apart: the same seed would propose the same
+        # trials in each.
+        study.sampler = sampler_of(sampler, sampler_seed if created else
+                                   sampler_seed + os.getpid())
+        retry_stopped(study)
+    return drawing_alone(study, study_dir)
 
 
 def run(settings, study_dir, trials=16, sampler="tpe", objective="snd", storage=None,

@@ -7,6 +7,9 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -129,6 +132,24 @@ def test_two_processes_share_one_study_and_run_no_trial_twice(tune_data, tmp_pat
     started = [set(re.findall(r"\] trial (\d+): ", output)) for output in outputs]
     assert not started[0] & started[1]  # no trial run by both processes
     assert started[0] | started[1] == {row["trial"] for row in rows}
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")
+def test_processes_draw_trials_one_at_a_time(tmp_path):
+    # SQLite has no row locks: two processes asking at once could draw one queued trial.
+    import tuning
+
+    study = tuning.prepare_study(str(tmp_path), None, "snd", "tpe", 0)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time; handle = open(sys.argv[1], 'a'); "
+        "fcntl.flock(handle, fcntl.LOCK_EX); print('held', flush=True); time.sleep(3)"),
+        str(tmp_path / tuning.STUDY_LOCK)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    started = time.perf_counter()
+    trial = study.ask()
+    assert time.perf_counter() - started > 1.5  # it waited for the other process
+    assert trial.number == 0  # the first queued baseline, drawn once
+    holder.wait(timeout=30)
 
 
 @pytest.mark.parametrize("extra, fragments", [
