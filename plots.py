@@ -18,12 +18,8 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from sklearn import metrics  # noqa: E402
 
-from absl import app, flags  # noqa: E402
-
-import common_flags  # noqa: E402
-from file_utils import save_atomically  # noqa: E402
-
-FLAGS = flags.FLAGS
+import folders  # noqa: E402
+from file_utils import UserError, save_atomically  # noqa: E402
 
 CURVE_PANELS = (
     ("losses", ("label_loss", "domain_loss")),
@@ -258,27 +254,40 @@ def sample_grid(split, path, per_class=2, seed=0):
     save_figure(figure, path)
 
 
-def main(argv):
-    """Draws the README's figures: the architecture and a grid of training images."""
-    del argv
-    import folders  # loads no TensorFlow
+def readme_figures(data_dir, output_dir):
+    """Draws the README's figures into `output_dir`: the architecture, and a grid of
+    `data_dir`/train's images; returns the paths written.
 
-    train_dir = os.path.join(FLAGS.data_dir, "train")
-    try:
-        split = folders.scan_split(train_dir)
-    except folders.UserError as error:
-        print(f"error: {error} (python mnist_m.py builds the default data set)",
-              file=sys.stderr)
-        sys.exit(2)
-    os.makedirs(FLAGS.output_dir, exist_ok=True)
-    written = [os.path.join(FLAGS.output_dir, name)
+    Raises:
+        UserError: `data_dir`/train is not a split folder.
+    """
+    split = folders.scan_split(os.path.join(data_dir, "train"))
+    os.makedirs(output_dir, exist_ok=True)
+    written = [os.path.join(output_dir, name)
                for name in ("architecture.png", "samples.png")]
     architecture_diagram(written[0])
     sample_grid(split, written[1])
-    print(f"Wrote {', '.join(written)} (training images from {train_dir})")
+    return written
+
+
+def main(data_dir, output_dir):
+    """plots.py's work: the README's figures, what it wrote, or one error line."""
+    try:
+        written = readme_figures(data_dir, output_dir)
+    except UserError as error:
+        print(f"error: {error} (python mnist_m.py builds the default data set)",
+              file=sys.stderr)
+        sys.exit(2)
+    print(f"Wrote {', '.join(written)} (training images from "
+          f"{os.path.join(data_dir, 'train')})")
 
 
 if __name__ == "__main__":
+    from absl import app, flags
+
+    import common_flags
+
     common_flags.define(common_flags.PLOTS)
     flags.adopt_module_key_flags(common_flags)
-    app.run(main, flags_parser=common_flags.parse_or_exit)
+    app.run(lambda argv: main(**common_flags.values(common_flags.PLOTS)),
+            flags_parser=common_flags.parse_or_exit)
