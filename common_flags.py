@@ -306,6 +306,17 @@ def flags_text(settings, flag_values=flags.FLAGS):
     return "".join(f"{line}\n" for line in lines if line)
 
 
+def flags_text_of(values, settings):
+    """`flags_text` of {name: value} set in code (a `TrainConfig`'s), so that a run
+    started from code records its flags.txt as train.py would."""
+    flag_values = flags.FlagValues()
+    define(settings, flag_values)
+    flag_values(["flags_text_of"])
+    for name in settings:
+        flag_values[name].value = values[name]
+    return flags_text(settings, flag_values)
+
+
 def recorded_values(flags_file, settings):
     """{name: value} of `settings` as a flags.txt file records them (parsed by absl;
     a setting the file lacks keeps its default)."""

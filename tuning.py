@@ -12,6 +12,7 @@ default recipe, scored the same way.
 
 import contextlib
 import csv
+import dataclasses
 import math
 import os
 import signal
@@ -187,13 +188,6 @@ def trial_config(trial, settings, study_dir):
         "model_dir": model_dir, "restore_model": resume, "overwrite": not resume})
 
 
-def recipe_text(config):
-    """flags.txt of a trial: its train.py flags, as train.py records them."""
-    lines = sorted(f"--{name}={value}" for name, value in vars(config).items()
-                   if value is not None and name not in common_flags.NOT_RECORDED)
-    return "".join(f"{line}\n" for line in lines)
-
-
 def objective_function(settings, study_dir, objective, n_trials, verbose):
     """The function Optuna maximises: trains a trial's run, scores it on val."""
     def run_trial(trial):
@@ -212,7 +206,8 @@ def objective_function(settings, study_dir, objective, n_trials, verbose):
                      {name: getattr(config, name) for name in SEARCH_SPACE},
                      config.model_dir)
         try:
-            training.run(config, verbose, recipe_text(config))
+            training.run(config, verbose, common_flags.flags_text_of(
+                dataclasses.asdict(config), common_flags.TRAIN))
         except training.TrainingStopped as stop:
             if stop.exit_code != 1:  # a signal: the study stops, the trial resumes
                 raise
