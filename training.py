@@ -129,17 +129,17 @@ class SignalsRecorded:
     """While active, SIGINT and SIGTERM are recorded (`received`) instead of raising
     KeyboardInterrupt, which a finaliser running at that moment would swallow; a
     `StopGuard` entered meanwhile stops at its first step on a recorded signal."""
-    active, received, _previous = False, None, {}
+    active, received = False, None
 
     def __enter__(self):
         SignalsRecorded.active, SignalsRecorded.received = True, None
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self._previous[signum] = signal.signal(signum, self.record)
+        self.previous_handlers = {signum: signal.signal(signum, self.record)
+                                  for signum in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def __exit__(self, *exc_info):
         SignalsRecorded.active, SignalsRecorded.received = False, None
-        for signum, handler in self._previous.items():
+        for signum, handler in self.previous_handlers.items():
             signal.signal(signum, handler)
 
     @staticmethod
