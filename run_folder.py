@@ -44,14 +44,18 @@ def checkpoint_path(model_dir, step):
     return os.path.join(model_dir, CHECKPOINT_DIR, f"ckpt-{step:08d}.keras")
 
 
+def checkpoints(model_dir):
+    """(step, file name) of every checkpoint of `model_dir`, by step."""
+    folder = os.path.join(model_dir, CHECKPOINT_DIR)
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return sorted((int(match.group(1)), match.group(0))
+                  for match in map(CHECKPOINT_PATTERN.match, names) if match)
+
+
 def latest_checkpoint(model_dir):
     """The checkpoint of `model_dir` with the highest step, or None."""
-    folder = os.path.join(model_dir, CHECKPOINT_DIR)
-    found = [(int(match.group(1)), os.path.join(folder, match.group(0)))
-             for match in map(CHECKPOINT_PATTERN.match,
-                              os.listdir(folder) if os.path.isdir(folder) else [])
-             if match]
-    return max(found)[1] if found else None
+    found = checkpoints(model_dir)
+    return os.path.join(model_dir, CHECKPOINT_DIR, found[-1][1]) if found else None
 
 
 def model_to_evaluate(model_dir, weights_fname=None):
@@ -76,10 +80,8 @@ def model_to_evaluate(model_dir, weights_fname=None):
 def saved_models(model_dir):
     """The `.keras` files of a run that --weights_fname can name, final model first."""
     final = [FINAL_MODEL] if os.path.isfile(os.path.join(model_dir, FINAL_MODEL)) else []
-    folder = os.path.join(model_dir, CHECKPOINT_DIR)
-    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-    return final + [os.path.join(CHECKPOINT_DIR, name) for name in names
-                    if CHECKPOINT_PATTERN.match(name)]
+    return final + [os.path.join(CHECKPOINT_DIR, name)
+                    for _, name in checkpoints(model_dir)]
 
 
 def eval_folder(model_dir, test_dir):
