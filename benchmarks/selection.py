@@ -59,12 +59,8 @@ def train_and_score(config, seed, data_dir, runs_dir):
 
 def target_test_accuracy(config, seed, data_dir, runs_dir):
     """The target accuracy on test/ of a trained configuration (read last)."""
-    model_dir = os.path.join(runs_dir, folder_name(config, seed))
-    paper_table.run_commands(model_dir, [
-        ["eval.py", f"--model_dir={model_dir}", f"--test_dir={data_dir}/test"]],
-        append=True)
-    with open(run_folder.report_path(model_dir, f"{data_dir}/test")) as handle:
-        return json.load(handle)["target_accuracy"]
+    return paper_table.target_test_accuracy(
+        os.path.join(runs_dir, folder_name(config, seed)), f"{data_dir}/test")
 
 
 def judge(rows):
