@@ -15,7 +15,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import REPO, saved_model, start_script
+from conftest import REPO, run_script, saved_model, start_script
 COMMON = ["--num_epochs=2", "--batch_size=8", "--seed=3", "--steps_per_execution=2"]
 
 
@@ -174,10 +174,8 @@ def test_a_bfloat16_run_trains_evaluates_and_resumes_only_in_bfloat16(tiny_data,
     code, _, err = finished(train(args))
     assert code == 0, err[-3000:]
     assert "--precision=mixed_bfloat16" in open(os.path.join(model_dir, "flags.txt")).read()
-    evaluated = subprocess.run([sys.executable, os.path.join(REPO, "eval.py"),
-                                f"--model_dir={model_dir}",
-                                f"--test_dir={tiny_data}/test"],
-                               capture_output=True, text=True, timeout=300)
+    evaluated = run_script("eval.py", f"--model_dir={model_dir}",
+                           f"--test_dir={tiny_data}/test", timeout=300)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     code, _, err = finished(train([*args[:2], "--num_epochs=1", "--batch_size=8",
                                    "--restore_model"]))

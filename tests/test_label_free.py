@@ -109,10 +109,8 @@ def test_reverse_validation_without_the_runs_flags_is_one_line(tiny_data, tmp_pa
     run("train.py", f"--train_dir={tiny_data}/train", f"--model_dir={model_dir}",
         "--num_epochs=1", "--batch_size=16")
     os.remove(os.path.join(model_dir, "flags.txt"))
-    result = subprocess.run([sys.executable, os.path.join(REPO, "eval.py"),
-                             f"--model_dir={model_dir}", f"--test_dir={tiny_data}/test",
-                             "--reverse_validation"], capture_output=True, text=True,
-                            timeout=600)
+    result = run_script("eval.py", f"--model_dir={model_dir}",
+                        f"--test_dir={tiny_data}/test", "--reverse_validation")
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: --reverse_validation") and "flags.txt" in last
