@@ -202,8 +202,10 @@ def objective_function(settings, study_dir, objective, n_trials, verbose):
             raise training.TrainingStopped(f"{name} between two trials",
                                            128 + training.SignalsRecorded.received)
         config = trial_config(trial, settings, study_dir)
-        logging.info("trial %d: %s %s into %s", trial.number, config.mode,
-                     {name: getattr(config, name) for name in SEARCH_SPACE},
+        retry_of = trial.user_attrs.get("retry_of")
+        logging.info("trial %d%s: %s %s into %s", trial.number,
+                     "" if retry_of is None else f" (trial {retry_of} again, resumed)",
+                     config.mode, {name: getattr(config, name) for name in SEARCH_SPACE},
                      config.model_dir)
         try:
             training.run(config, verbose, common_flags.flags_text_of(

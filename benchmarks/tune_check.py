@@ -26,6 +26,7 @@ import tuning  # noqa: E402
 FLAGS = flags.FLAGS
 REPO = bench.REPO
 SCORES = ("snd", "target_entropy", "source_accuracy")
+AGREEMENT = "snd+target_entropy"  # a rule, not a score: the two scores' mean rank
 
 
 def finished_trials(study_dir):
@@ -40,20 +41,32 @@ def finished_trials(study_dir):
     return rows
 
 
+def ranking(rows, name):
+    """The trials best first by a label-free score, or by AGREEMENT: the sum of their
+    ranks by snd and by target_entropy (ties broken by snd)."""
+    if name != AGREEMENT:
+        return sorted(rows, key=lambda row: -row[f"val_{name}"])
+    rank = {}
+    for score in ("snd", "target_entropy"):
+        for place, row in enumerate(ranking(rows, score)):
+            rank[row["trial"]] = rank.get(row["trial"], 0) + place
+    return sorted(rows, key=lambda row: (rank[row["trial"]], -row["val_snd"]))
+
+
 def judge(rows):
-    """Per label-free score: the trial it picks, its accuracy, the regret against the
-    oracle, and the rank (1 = best) it gives the source-only trial."""
+    """Per label-free score (and the AGREEMENT rule): the trial it picks, its accuracy,
+    the regret against the oracle, and the rank (1 = best) it gives source-only."""
     oracle = max(row["target_test_accuracy"] for row in rows)
     judged = {}
-    for name in SCORES:
-        ranked = sorted(rows, key=lambda row: -row[f"val_{name}"])
-        source_only = [row["mode"] for row in ranked].index("source_only") + 1 \
-            if any(row["mode"] == "source_only" for row in ranked) else None
+    for name in SCORES + (AGREEMENT,):
+        ranked = ranking(rows, name)
+        modes = [row["mode"] for row in ranked]
         judged[name] = {"picked_trial": ranked[0]["trial"],
                         "picked_mode": ranked[0]["mode"],
                         "picked_target_accuracy": ranked[0]["target_test_accuracy"],
                         "regret": oracle - ranked[0]["target_test_accuracy"],
-                        "source_only_rank": source_only}
+                        "source_only_rank": modes.index("source_only") + 1
+                        if "source_only" in modes else None}
     return judged, oracle
 
 

@@ -148,3 +148,24 @@ def test_selection_benchmark_writes_the_documented_shape(tmp_path):
     scores_file = json.load(open(prefix + ".scores.json"))
     assert all("target_test_accuracy" not in row for row in scores_file)
     assert "| reverse_validation |" in open(prefix + ".md").read()
+
+
+def test_tune_check_judges_each_score_and_the_agreement_of_two():
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import tune_check
+
+    rows = [{"trial": trial, "mode": mode, "val_snd": snd, "val_target_entropy": entropy,
+             "val_source_accuracy": 0.9, "target_test_accuracy": accuracy}
+            for trial, mode, snd, entropy, accuracy in (
+                (0, "source_only", 3.0, -0.5, 0.6), (1, "dann", 5.0, -0.9, 0.7),
+                (2, "dann", 4.0, -0.2, 0.9), (3, "dann", 1.0, -0.1, 0.8))]
+    judged, oracle = tune_check.judge(rows)
+    assert oracle == 0.9
+    picks = {name: (row["picked_trial"], row["source_only_rank"])
+             for name, row in judged.items()}
+    # snd and entropy each pick a trial the other ranks last; their rank sum picks the
+    # trial both rank second, and ranks source-only (3rd by each) last.
+    assert picks == {"snd": (1, 3), "target_entropy": (3, 3), "source_accuracy": (0, 1),
+                     "snd+target_entropy": (2, 4)}
+    assert judged["snd"]["regret"] == pytest.approx(0.2)
+    assert judged["snd+target_entropy"]["regret"] == 0.0

@@ -111,6 +111,7 @@ def test_ctrl_c_then_the_same_command_continues_without_counting_twice(tune_data
     assert "run the same command again" in output
     again = run_script("tune.py", *args)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert re.search(r"\] trial \d+ \(trial 1 again, resumed\): dann", again.stderr)
     rows = read_trials(study_dir)
     finished = [row for row in rows if row["state"] in ("complete", "pruned")]
     assert len(finished) == 3 and len({row["run"] for row in finished}) == 3
