@@ -182,6 +182,8 @@ def tuning_figure(rows, params, objective, path):
         if log_range:
             axis.set_xscale("log")
             axis.set_xlim(*log_range)
+        else:  # a choice: ticks at the values drawn
+            axis.set_xticks(sorted({row[name] for row in scored}))
     for axis in axes[0]:
         axis.set_ylabel(f"{objective} on val (higher: better)")
         axis.grid(alpha=0.3)
