@@ -12,7 +12,6 @@ have ranked source-only, and the wall time.
 """
 
 import csv
-import json
 import os
 import time
 
@@ -28,7 +27,7 @@ import tuning  # noqa: E402
 FLAGS = flags.FLAGS
 REPO = bench.REPO
 SCORES = ("snd", "target_entropy", "source_accuracy")
-AGREEMENT = "snd+target_entropy"  # a rule, not a score: the two scores' mean rank
+AGREEMENT = "snd+target_entropy"  # a rule, not a score: the two scores' rank sum
 
 
 def finished_trials(study_dir):
@@ -58,11 +57,8 @@ def ranking(rows, name):
 def training_seconds(rows):
     """Seconds the trials trained, summed over their histories' epochs (a stopped
     trial's epochs kept by its resumed retry count once; scoring not included)."""
-    total = 0.0
-    for row in rows:
-        with open(os.path.join(row["run"], run_folder.HISTORY_JSON)) as handle:
-            total += sum(epoch["epoch_seconds"] for epoch in json.load(handle))
-    return total
+    return sum(epoch["epoch_seconds"] for row in rows
+               for epoch in run_folder.read_history(row["run"], row["num_epochs"]))
 
 
 def judge(rows):
