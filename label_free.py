@@ -63,21 +63,28 @@ def soft_neighbourhood_density(probabilities, temperature=SND_TEMPERATURE, chunk
     return float(total / len(unit))
 
 
-def deep_embedded_validation(source_features, source_losses, target_features):
-    """Minus DEV (You et al., ICML 2019): the source losses weighted by the density
-    ratio p_target(x) / p_source(x) of their features, with the control variate that
-    lowers its variance.
-
-    The ratio comes from a logistic-regression domain classifier (C =
-    DEV_REGULARISATION) fitted on the standardised features of both domains' images.
-    """
+def density_ratios(source_features, target_features):
+    """p_target(x) / p_source(x) at each source image's features, from a
+    logistic-regression domain classifier (C = DEV_REGULARISATION) fitted on the
+    standardised features of both domains' images; their mean is about 1."""
     features = np.concatenate([source_features, target_features])
     domains = np.r_[np.zeros(len(source_features)), np.ones(len(target_features))]
     scaler = preprocessing.StandardScaler().fit(features)
     classifier = linear_model.LogisticRegression(C=DEV_REGULARISATION, max_iter=2000)
     classifier.fit(scaler.transform(features), domains)
     odds = np.exp(classifier.decision_function(scaler.transform(source_features)))
-    weights = odds * len(source_features) / len(target_features)
+    return odds * len(source_features) / len(target_features)
+
+
+def importance_weighted_loss(weights, source_losses):
+    """Minus IWCV (Sugiyama et al., JMLR 2007): the mean source loss, each image's
+    loss weighted by its density ratio (`density_ratios`)."""
+    return -float(np.mean(weights * source_losses))
+
+
+def deep_embedded_validation(weights, source_losses):
+    """Minus DEV (You et al., ICML 2019): the importance-weighted source loss with the
+    control variate that lowers its variance (weights: `density_ratios`)."""
     weighted = weights * source_losses
     covariance = np.cov(np.stack([weighted, weights]))
     eta = -covariance[0, 1] / covariance[1, 1] if covariance[1, 1] > 0 else 0.0
@@ -116,7 +123,7 @@ def reverse_validation(model, source, target, pseudo_labels, recipe):
 def scores(model, split, recipe=None):
     """{score: value} for `model` on a scanned split, those its domains allow:
     `source_accuracy` needs its source, `target_entropy` and `snd` its target, `dev`
-    both; with `recipe` (the run's flags) and both domains, `reverse_validation` too,
+    and `iwcv` both; with `recipe` (the run's flags) and both domains, `reverse_validation` too,
     which trains a model."""
     result, source, target = {}, None, None
     if split.source is not None:
@@ -136,8 +143,9 @@ def scores(model, split, recipe=None):
         result["target_entropy"] = target_entropy(probabilities)
         result["snd"] = soft_neighbourhood_density(probabilities)
     if source is not None and target is not None:
-        result["dev"] = deep_embedded_validation(source_features, source_losses,
-                                                 target_features)
+        weights = density_ratios(source_features, target_features)
+        result["dev"] = deep_embedded_validation(weights, source_losses)
+        result["iwcv"] = importance_weighted_loss(weights, source_losses)
         if recipe is not None:
             result["reverse_validation"] = reverse_validation(
                 model, source, target, np.argmax(target_logits, axis=1), recipe)

@@ -162,14 +162,18 @@ def suggest(trial):
     return values
 
 
-def ruled_out(scores, report):
+def top_share(counts):
+    """The share of images given the most given class, from {class: count}."""
+    return max(counts.values()) / sum(counts.values())
+
+
+def ruled_out(scores):
     """Why a trial is not ranked (the rule in SOURCE_ACCURACY_FLOOR, COLLAPSE_SHARE),
     or None."""
     if scores["source_accuracy"] < SOURCE_ACCURACY_FLOOR:
         return (f"source accuracy {scores['source_accuracy']:.3f} on val is below "
                 f"{SOURCE_ACCURACY_FLOOR}: the source task was not learned")
-    counts = report["predicted_counts"]["target"].values()
-    share = max(counts) / sum(counts)
+    share = scores["target_top_share"]
     if share >= COLLAPSE_SHARE:
         return f"{share:.0%} of the val target images were given one class: collapsed"
     return None
@@ -216,9 +220,11 @@ def objective_function(settings, study_dir, objective, n_trials, verbose):
             trial.set_user_attr("ruled_out", str(stop))  # the loss became NaN
             raise optuna.TrialPruned(str(stop)) from None
         report = evaluation.run(config.model_dir, config.val_dir, label_free=True)
-        scores = report["label_free_scores"]
+        # Not a score (higher is not better): the rules read it beside the scores.
+        scores = {**report["label_free_scores"], "target_top_share": top_share(
+            report["predicted_counts"]["target"])}
         trial.set_user_attr("scores", scores)
-        reason = ruled_out(scores, report)
+        reason = ruled_out(scores)
         if reason:
             trial.set_user_attr("ruled_out", reason)
             raise optuna.TrialPruned(reason)

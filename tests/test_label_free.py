@@ -58,8 +58,20 @@ def test_dev_is_the_mean_source_loss_when_the_domains_cannot_be_told_apart():
     rng = np.random.default_rng(2)
     features = rng.normal(size=(200, 6))
     losses = rng.exponential(size=200)
-    score = label_free.deep_embedded_validation(features, losses, features.copy())
+    weights = label_free.density_ratios(features, features.copy())
+    assert weights == pytest.approx(np.ones(200), abs=0.05)
+    score = label_free.deep_embedded_validation(weights, losses)
     assert score == pytest.approx(-losses.mean(), rel=1e-6)
+    assert label_free.importance_weighted_loss(weights, losses) == pytest.approx(
+        -losses.mean(), rel=0.05)
+
+
+def test_iwcv_is_the_weighted_mean_loss_and_dev_corrects_it_by_the_weights_mean():
+    weights, losses = np.array([0.5, 1.0, 2.5]), np.array([2.0, 1.0, 0.4])
+    assert label_free.importance_weighted_loss(weights, losses) == pytest.approx(
+        -(1.0 + 1.0 + 1.0) / 3)
+    # By hand: weighted (1, 1, 1) has no covariance with the weights, so eta = 0.
+    assert label_free.deep_embedded_validation(weights, losses) == pytest.approx(-1.0)
 
 
 def test_dev_weights_the_source_images_that_look_like_the_target():
@@ -69,8 +81,10 @@ def test_dev_weights_the_source_images_that_look_like_the_target():
     near_target = source[:, 0] > 0.75
     cheap_there = np.where(near_target, 0.1, 2.0)  # low loss where the target lies
     dear_there = np.where(near_target, 2.0, 0.1)
-    assert label_free.deep_embedded_validation(source, cheap_there, target) > \
-        label_free.deep_embedded_validation(source, dear_there, target)
+    weights = label_free.density_ratios(source, target)
+    for score in (label_free.deep_embedded_validation,
+                  label_free.importance_weighted_loss):
+        assert score(weights, cheap_there) > score(weights, dear_there)
 
 
 def run(script, *args):
@@ -99,7 +113,7 @@ def test_scores_never_read_target_labels(tiny_data, tmp_path):
         scores.append(report["label_free_scores"])
         assert "reverse_validation" in printed
     assert set(scores[0]) == {"source_accuracy", "target_entropy", "snd", "dev",
-                              "reverse_validation"}
+                              "iwcv", "reverse_validation"}
     assert scores[0] == scores[1]
 
 
@@ -138,7 +152,7 @@ def test_selection_benchmark_writes_the_documented_shape(tmp_path):
     accuracies = [row["target_test_accuracy"] for row in table["configs"]]
     assert table["oracle_target_accuracy"] == max(accuracies)
     assert set(table["validators"]) == {"source_accuracy", "target_entropy", "snd",
-                                        "dev", "reverse_validation"}
+                                        "dev", "iwcv", "reverse_validation"}
     for name, row in table["validators"].items():
         scores = [config["label_free_scores"][name] for config in table["configs"]]
         assert row["picked"] == int(np.argmax(scores))

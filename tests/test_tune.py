@@ -166,11 +166,12 @@ def test_bad_tune_settings_are_one_line(tune_data, tmp_path, extra, fragments):
 def test_collapsed_models_are_ruled_out_by_the_stated_rule():
     import tuning
 
-    report = {"predicted_counts": {"target": {"a": 95, "b": 5}}}
-    assert "collapsed" in tuning.ruled_out({"source_accuracy": 0.99}, report)
-    assert "not learned" in tuning.ruled_out({"source_accuracy": 0.4}, report)
-    report["predicted_counts"]["target"] = {"a": 80, "b": 20}
-    assert tuning.ruled_out({"source_accuracy": 0.99}, report) is None
+    assert tuning.top_share({"a": 95, "b": 5}) == 0.95
+    assert "collapsed" in tuning.ruled_out({"source_accuracy": 0.99,
+                                            "target_top_share": 0.95})
+    assert "not learned" in tuning.ruled_out({"source_accuracy": 0.4,
+                                              "target_top_share": 0.8})
+    assert tuning.ruled_out({"source_accuracy": 0.99, "target_top_share": 0.8}) is None
 
 
 def test_a_study_of_another_objective_is_refused(study, tune_data):

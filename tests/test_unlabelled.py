@@ -116,7 +116,7 @@ def test_eval_reports_no_accuracy_for_a_target_without_labels(unlabelled_run,
     assert set(report["confusion"]) == set(report["per_class"]) == {"source"}
     assert sum(report["predicted_counts"]["target"].values()) == report["num_target"]
     assert set(report["label_free_scores"]) == {"source_accuracy", "target_entropy",
-                                                "snd", "dev"}
+                                                "snd", "dev", "iwcv"}
     written = set(os.listdir(os.path.join(model_dir, "eval", "val")))
     assert written == {"eval_report.json", "confusion_source.png", "pr_source.png",
                        "confusion_domain.png"}
