@@ -4,8 +4,8 @@ No label-free score is safe alone: on some shifts the DANN trial a score ranks f
 is far below source-only on the target (benchmarks/shifts.md). So source-only is kept
 unless a DANN trial beats it with consistent evidence:
 
-- it beats source-only on every score in `evidence` (by default snd and
-  target_entropy), on the validation split;
+- it beats source-only on every score in `evidence` (by default target_entropy:
+  its val target predictions are more confident);
 - its val source accuracy is at most `accuracy_margin` below source-only's;
 - its val target images given the most given class are at most `share_margin` more
   than source-only's (its predictions have not drifted toward fewer classes).
@@ -15,9 +15,24 @@ evidence scores is chosen. A trial is a row of tuning.trial_rows: `mode`, `state
 `val_<score>` for each label-free score and `val_target_top_share`.
 """
 
-EVIDENCE = ("snd", "target_entropy")
+import csv
+
+EVIDENCE = ("target_entropy",)  # measured in benchmarks/shifts.md
 ACCURACY_MARGIN = 0.02
 SHARE_MARGIN = 0.1
+
+
+def read_trials(path):
+    """The rows of a study's trials.csv as tuning.trial_rows made them: numbers as
+    numbers, empty cells as None."""
+    def value(key, text):
+        if key in ("state", "mode", "ruled_out", "run"):
+            return text
+        return None if text == "" else int(text) if key in ("trial", "num_epochs") \
+            else float(text)
+    with open(path, newline="") as handle:
+        return [{key: value(key, text) for key, text in row.items()}
+                for row in csv.DictReader(handle)]
 
 
 def completed(rows):
@@ -47,6 +62,8 @@ def falls_short(row, source_only, evidence, accuracy_margin, share_margin):
     if drop > accuracy_margin:
         return (f"val source accuracy {row['val_source_accuracy']:.4f}, more than "
                 f"{accuracy_margin} below source-only's")
+    if row.get("val_target_top_share") is None:  # a study older than the share
+        return None
     growth = row["val_target_top_share"] - source_only["val_target_top_share"]
     if growth > share_margin:
         return (f"{row['val_target_top_share']:.0%} of the val target images given one "
@@ -73,16 +90,22 @@ def choose(rows, evidence=EVIDENCE, accuracy_margin=ACCURACY_MARGIN,
                         f"chose trial {chosen['trial']} (best on "
                         f"{' and '.join(evidence)}): no source-only trial was scored to "
                         "compare it with")
-    qualified = [row for row in dann if falls_short(
-        row, source_only, evidence, accuracy_margin, share_margin) is None]
+    shortfalls = {row["trial"]: falls_short(row, source_only, evidence,
+                                            accuracy_margin, share_margin)
+                  for row in dann}
+    qualified = [row for row in dann if shortfalls[row["trial"]] is None]
     if not qualified:
+        beaten_on_scores = [f"trial {number}: {why}" for number, why in
+                            shortfalls.items() if not why.startswith("not above")]
         return source_only, (f"kept source-only (trial {source_only['trial']}): no "
-                             f"DANN trial beat it on {' and '.join(evidence)} within "
-                             "the source-accuracy and class-share margins")
+                             f"DANN trial beat it on {' and '.join(evidence)}"
+                             + (f" within the margins ({'; '.join(beaten_on_scores)})"
+                                if beaten_on_scores else ""))
     chosen = best_by(qualified, evidence)
     return chosen, (f"chose trial {chosen['trial']} ({chosen['mode']}): above "
                     f"source-only (trial {source_only['trial']}) on "
                     f"{' and '.join(evidence)}, val source accuracy "
                     f"{chosen['val_source_accuracy']:.4f} against "
-                    f"{source_only['val_source_accuracy']:.4f}; best of "
-                    f"{len(qualified)} DANN trials that qualified")
+                    f"{source_only['val_source_accuracy']:.4f}; "
+                    + ("the only DANN trial that qualified" if len(qualified) == 1 else
+                       f"the best of the {len(qualified)} DANN trials that qualified"))

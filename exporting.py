@@ -16,7 +16,7 @@ import tensorflow as tf
 
 import evaluation
 import run_folder
-from file_utils import DiskFull, UserError
+from file_utils import DiskFull, UserError, refuse_foreign_files
 
 SAVED_MODEL = "saved_model"
 TFLITE_FILE = "model.tflite"
@@ -88,6 +88,8 @@ def export(model_dir, weights_fname=None, output=None):
     output = output or os.path.join(model_dir, run_folder.EXPORT_DIR)
     if os.path.exists(output) and not os.path.isdir(output):
         raise UserError(f"--output {output} is a file: pass a folder")
+    # An earlier export is replaced whole, so it must be nothing but an export.
+    refuse_foreign_files(output, "--output", (SAVED_MODEL, TFLITE_FILE, CLASS_NAMES_FILE))
     model = evaluation.load_trained_model(run_folder.model_to_evaluate(model_dir,
                                                                        weights_fname))
 

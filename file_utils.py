@@ -1,10 +1,11 @@
-"""The user-error type, atomic writes, and TensorFlow's start without its notes.
+"""The user-error type, output checks, atomic writes, and TensorFlow's start without its notes.
 
 Imports neither TensorFlow nor absl, so the scripts can check their flags first.
 """
 
 import contextlib
 import errno
+import fnmatch
 import os
 import re
 import sys
@@ -29,6 +30,21 @@ class DiskFull(UserError):
     def __init__(self, path, kept, fix="free some space and run again"):
         super().__init__(f"the disk is full: could not write {path} ({kept}); {fix}")
         self.path, self.kept = path, kept
+
+
+def refuse_foreign_files(folder, flag, own):
+    """Refuses an existing `folder` holding anything whose name matches none of the
+    `own` patterns (fnmatch): a command may replace what it wrote, never a user's
+    files."""
+    if not os.path.isdir(folder):
+        return
+    foreign = sorted(name for name in os.listdir(folder)
+                     if not any(fnmatch.fnmatchcase(name, pattern) for pattern in own))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more"
+                                          if len(foreign) > 3 else "")
+        raise UserError(f"{flag} {folder} holds files this command did not write "
+                        f"({shown}): pass a new or empty folder")
 
 
 def save_atomically(path, save):

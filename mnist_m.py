@@ -23,7 +23,8 @@ from PIL import Image
 
 import common_flags
 import file_utils
-from file_utils import IMAGE_EXTENSIONS, UserError, write_atomically
+from file_utils import (IMAGE_EXTENSIONS, UserError, refuse_foreign_files,
+                        write_atomically)
 from mnist_readers import DIGIT_SIZE, Digits, load_mnist
 
 SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg",
@@ -299,6 +300,13 @@ def build_mnist_mnistm(output_dir, mnist_path=None, mnistm_path=None, background
     Returns:
         The dataset.json record (a dict).
     """
+    # --overwrite replaces a data set this command built, never a user's files.
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not os.path.exists(
+            os.path.join(output_dir, "dataset.json")):
+        raise UserError(f"--output_dir {output_dir} holds files but no dataset.json (it "
+                        "is not a set this command built): pass a new or empty folder")
+    refuse_foreign_files(output_dir, "--output_dir", ("train", "val", "test",
+                                                      "dataset.json"))
     if os.path.exists(output_dir) and not overwrite:
         raise UserError(f"{output_dir} already exists: remove it, pass --overwrite, or "
                         "choose another --output_dir")

@@ -18,12 +18,20 @@ import folders
 import run_folder
 from file_utils import UserError, write_atomically
 
+CSV_START = b"path,predicted_class,probability"  # what a CSV written here begins with
 
-def check_output(path, flag):
-    """Refuses, before any work, an output path that is a folder or lies under a
-    file."""
+
+def check_output(path, flag, own_start):
+    """Refuses, before any work, an output path that is a folder, lies under a file,
+    or is a file that does not begin with `own_start` (bytes): one this command did
+    not write."""
     if os.path.isdir(path):
         raise UserError(f"{flag} {path} is a folder: pass a file name inside it")
+    if os.path.isfile(path):
+        with open(path, "rb") as handle:
+            if handle.read(len(own_start)) != own_start:
+                raise UserError(f"{flag} {path} is a file this command did not write: "
+                                "pass a new file name")
     folder = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)
@@ -64,7 +72,7 @@ def write_csv(path, paths, class_names, probabilities, domain_logits):
     The numbers are formatted by NumPy, a block at a time: row by row in Python took
     about a tenth of the time of predicting the images.
     """
-    header = ["path", "predicted_class", "probability",
+    header = [*CSV_START.decode().split(","),
               *(f"probability_{name}" for name in class_names),
               "target_domain_probability"]
     predicted = np.argmax(probabilities, axis=1)
@@ -100,9 +108,10 @@ def run(model_dir, inputs, output=None, weights_fname=None, features=None,
         As `predict_files`.
     """
     output = output or os.path.join(model_dir, run_folder.PREDICTIONS_CSV)
-    for path, flag in ((output, "--output"), (features, "--features")):
+    for path, flag, own_start in ((output, "--output", CSV_START),
+                                  (features, "--features", b"\x93NUMPY")):
         if path:
-            check_output(path, flag)
+            check_output(path, flag, own_start)
     model = evaluation.load_trained_model(run_folder.model_to_evaluate(model_dir,
                                                                        weights_fname))
     files = images_to_predict(inputs, model.image_shape[2], skip_bad_images)

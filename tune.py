@@ -3,8 +3,10 @@ scored on a validation split without target labels.
 
     python tune.py --train_dir D/train --val_dir D/val --study_dir runs/tune --trials 16
 
-Optuna proposes lr, gamma and the epochs (common_flags.SEARCH_SPACE); any other
-train.py flag passes to every trial. Ctrl-C stops it; the same command continues. Several
+Optuna proposes lr, gamma and the epochs (common_flags.SEARCH_SPACE), maximising
+--objective; any other train.py flag passes to every trial. The trial chosen at the
+end is source-only unless a DANN trial beats it with consistent evidence
+(choosing.py). Ctrl-C stops it; the same command continues. Several
 processes, on one machine or several (--storage), can run trials of one study. The
 flags are checked before TensorFlow loads; `tuning.run` does the work.
 """
@@ -38,8 +40,10 @@ def main(argv):
               "(an unfinished trial resumes from its latest checkpoint)", file=sys.stderr)
         sys.exit(getattr(stop, "exit_code", 130))
     print("\n".join(tuning.leaderboard(rows, tune["objective"])))
-    print(f"Wrote {tune['study_dir']}/trials.csv, trials.png; best: "
-          f"{tune['study_dir']}/best")
+    chosen = tuning.choosing.choose(rows)[0]
+    print(f"Wrote {tune['study_dir']}/trials.csv, trials.png, choice.txt; " + (
+        f"{tune['study_dir']}/best links to the chosen trial, {chosen['run']}" if chosen
+        else "no best link: no trial was chosen"))
 
 
 if __name__ == "__main__":

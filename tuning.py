@@ -13,7 +13,6 @@ default recipe, scored the same way.
 import contextlib
 import csv
 import dataclasses
-import math
 import os
 import signal
 import time
@@ -23,12 +22,13 @@ import optuna
 import sqlalchemy
 from absl import logging
 
+import choosing
 import common_flags
 import evaluation
 import plots
 import run_folder
 import training
-from file_utils import UserError, write_atomically
+from file_utils import UserError, refuse_foreign_files, write_atomically
 from monitor import COLLAPSE_SHARE
 
 SEARCH_SPACE, GRID = common_flags.SEARCH_SPACE, common_flags.GRID
@@ -40,8 +40,8 @@ OBJECTIVES = common_flags.TUNE["objective"].choices
 SOURCE_ACCURACY_FLOOR = 0.5
 HEARTBEAT_S, GRACE_S = 60, 180  # a trial whose process died is retried after this
 STUDY_NAME = "dann"
-TRIALS_CSV, FIGURE, BEST_LINK, STUDY_DB = ("trials.csv", "trials.png", "best",
-                                           "study.db")
+TRIALS_CSV, FIGURE, BEST_LINK, STUDY_DB, CHOICE = (
+    "trials.csv", "trials.png", "best", "study.db", "choice.txt")
 STUDY_LOCK = ".study.lock"
 
 
@@ -254,15 +254,14 @@ def trial_rows(study, objective):
     return rows
 
 
-def best_of(rows, mode):
-    """The completed trial of `mode` with the highest score, or None."""
-    ranked = [row for row in rows if row["state"] == "complete" and row["mode"] == mode]
-    return max(ranked, key=lambda row: row["score"], default=None)
-
-
 def point_best_link(study_dir, row):
-    """study_dir/best: a link to the best trial's run folder, replaced atomically."""
+    """study_dir/best: a link to the chosen trial's run folder, replaced atomically;
+    removed while no trial is chosen (`row` None)."""
     link = os.path.join(study_dir, BEST_LINK)
+    if row is None:
+        if os.path.islink(link):
+            os.remove(link)
+        return
     temporary = f"{link}.tmp-{os.getpid()}"  # other processes replace it too
     if os.path.lexists(temporary):
         os.remove(temporary)
@@ -271,7 +270,8 @@ def point_best_link(study_dir, row):
 
 
 def write_outputs(study, study_dir, objective):
-    """trials.csv, trials.png and the `best` link; returns the trial rows."""
+    """trials.csv, trials.png, choice.txt (the leaderboard) and the `best` link to
+    the trial `choosing.choose` picks; returns the trial rows."""
     rows = trial_rows(study, objective)
     keys = list(dict.fromkeys(key for row in rows for key in row))
 
@@ -284,10 +284,9 @@ def write_outputs(study, study_dir, objective):
     log_ranges = {name: tuple(space) if kind == "log_float" else None
                   for name, (kind, *space) in SEARCH_SPACE.items()}
     plots.tuning_figure(rows, log_ranges, objective, os.path.join(study_dir, FIGURE))
-    best = max((best_of(rows, mode) for mode in ("dann", "source_only")),
-               key=lambda row: -math.inf if row is None else row["score"])
-    if best is not None:
-        point_best_link(study_dir, best)
+    write_atomically(os.path.join(study_dir, CHOICE), lambda handle: handle.write(
+        "\n".join(leaderboard(rows, objective)) + "\n"))
+    point_best_link(study_dir, choosing.choose(rows)[0])
     return rows
 
 
@@ -315,6 +314,9 @@ def check_settings(settings):
 def prepare_study(study_dir, storage, objective, sampler, sampler_seed):
     """The study, opened or created, with its sampler and its stopped trials
     enqueued again."""
+    refuse_foreign_files(study_dir, "--study_dir", (
+        "trial_[0-9][0-9][0-9][0-9]", TRIALS_CSV, FIGURE, BEST_LINK, f"{BEST_LINK}.tmp-*",
+        f"{STUDY_DB}*", CHOICE, STUDY_LOCK, ".tmp-*"))
     os.makedirs(study_dir, exist_ok=True)
     with study_lock(study_dir):
         study, created = open_study(storage_of(storage, study_dir), objective)
@@ -366,22 +368,24 @@ def run(settings, study_dir, trials=16, sampler="tpe", objective="snd", storage=
 
 
 def leaderboard(rows, objective, top=10):
-    """The lines tune.py prints: the best trials by the objective, the ruled-out
-    ones, and whether the best DANN trial beats source-only on the objective."""
-    ranked = sorted((row for row in rows if row["state"] == "complete"),
-                    key=lambda row: -row["score"])
-    lines = [f"{'trial':>5} {'mode':<11} {'lr':>8} {'gamma':>6} {'epochs':>6} "
-             f"{objective:>15} {'val source acc':>14}"]
+    """The lines tune.py prints: the trials best first by the objective (`*` marks
+    the chosen one), the ruled-out ones, and the choice in the rule's words."""
+    chosen, reason = choosing.choose(rows)
+    ranked = sorted(choosing.completed(rows), key=lambda row: -row["score"])
+    lines = [f"  {'trial':>5} {'mode':<11} {'lr':>7} {'gamma':>6} {'epochs':>6} "
+             f"{'snd':>7} {'target_entropy':>14} {'val source acc':>14}"]
     for row in ranked[:top]:
-        lines.append(f"{row['trial']:>5} {row['mode']:<11} {row['lr']:>8.4f} "
-                     f"{row['gamma']:>6.2f} {row['num_epochs']:>6} {row['score']:>15.4f} "
+        mark = "*" if row is chosen else " "
+        lines.append(f"{mark} {row['trial']:>5} {row['mode']:<11} {row['lr']:>7.4f} "
+                     f"{row['gamma']:>6.2f} {row['num_epochs']:>6} {row['val_snd']:>7.4f} "
+                     f"{row['val_target_entropy']:>14.4f} "
                      f"{row['val_source_accuracy']:>14.4f}")
     lines += [f"trial {row['trial']} ruled out: {row['ruled_out']}" for row in rows
               if row["ruled_out"]]
-    dann, source_only = best_of(rows, "dann"), best_of(rows, "source_only")
-    if dann and source_only:
-        verdict = "beats" if dann["score"] > source_only["score"] else "does NOT beat"
-        lines.append(f"The best DANN trial ({dann['trial']}) {verdict} source-only "
-                     f"(trial {source_only['trial']}) on {objective}: "
-                     f"{dann['score']:.4f} against {source_only['score']:.4f}.")
-    return lines
+    if chosen is None:
+        return lines + [
+            f"Nothing chosen: none of the {len(rows)} trials was scored (the reasons "
+            "above). Where the source task was not learned, check train/source and "
+            "val/source; where predictions collapsed, get more target images; then "
+            "run the same command with a larger --trials."]
+    return lines + [f"The rule {reason}."]

@@ -14,7 +14,6 @@ trial (never used to choose), and how often it keeps source-only. Writes shifts.
 and shifts.md.
 """
 
-import csv
 import json
 import os
 import time
@@ -45,29 +44,16 @@ RULES = {
     **{score: alone(score) for score in SCORES},
     "rank sum of snd and target_entropy": lambda rows: choosing.best_by(
         choosing.completed(rows), ("snd", "target_entropy")),
-    "source-only unless beaten on snd and target_entropy (default)": safe(
-        "snd", "target_entropy"),
+    "source-only unless beaten on target_entropy (default)": safe("target_entropy"),
     "source-only unless beaten on snd": safe("snd"),
-    "source-only unless beaten on target_entropy": safe("target_entropy"),
+    "source-only unless beaten on snd and target_entropy": safe("snd",
+                                                                "target_entropy"),
     "source-only unless beaten on dev": safe("dev"),
     "source-only unless beaten on snd and dev": safe("snd", "dev"),
     "source-only unless beaten on target_entropy and dev": safe("target_entropy", "dev"),
     "source-only unless beaten on snd, target_entropy and dev": safe(
         "snd", "target_entropy", "dev"),
 }
-
-
-def numbers(row):
-    """A trials.csv row with its numbers as numbers (empty cells as None)."""
-    converted = {}
-    for key, value in row.items():
-        try:
-            converted[key] = None if value == "" else float(value)
-        except ValueError:
-            converted[key] = value
-    for key in ("trial", "num_epochs"):
-        converted[key] = int(converted[key])
-    return converted
 
 
 def run_study(shift, seed):
@@ -83,8 +69,7 @@ def run_study(shift, seed):
         "tune.py", f"--train_dir={data_dir}/train", f"--val_dir={data_dir}/val",
         f"--study_dir={study_dir}", f"--trials={FLAGS.trials}", f"--seed={seed}",
         f"--sampler_seed={seed}"]], append=True)
-    with open(os.path.join(study_dir, tuning.TRIALS_CSV), newline="") as handle:
-        rows = [numbers(row) for row in csv.DictReader(handle)]
+    rows = choosing.read_trials(os.path.join(study_dir, tuning.TRIALS_CSV))
     # Only now, the study ended, are the target test labels read.
     for row in choosing.completed(rows):
         row["target_test_accuracy"] = paper_table.target_test_accuracy(

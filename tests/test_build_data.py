@@ -6,6 +6,7 @@ import io
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 import tarfile
@@ -336,6 +337,27 @@ def test_build_refuses_an_existing_folder(tmp_path, small_sources):
     out, _ = build(tmp_path, small_sources, "a")
     with pytest.raises(data_utils.UserError, match="already exists"):
         build(tmp_path, small_sources, "a")
+
+
+@pytest.mark.parametrize("users_files, fragment", [
+    (["train/source/class_0/mine.png", "val/notes.txt"], "no dataset.json"),
+    (["dataset.json", "train/x.png", "my_photos/a.png"], "(my_photos)"),
+])
+def test_overwrite_never_replaces_a_folder_this_command_did_not_build(
+        tmp_path, small_sources, users_files, fragment):
+    out = tmp_path / "DATA"
+    for name in users_files:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("the user's")
+    with pytest.raises(data_utils.UserError, match=re.escape(fragment)):
+        build(tmp_path, small_sources, "DATA", overwrite=True)
+    assert all((out / name).read_text() == "the user's" for name in users_files)
+
+
+def test_overwrite_replaces_a_set_this_command_built(tmp_path, small_sources):
+    build(tmp_path, small_sources, "a", num_test=3)
+    _, record = build(tmp_path, small_sources, "a", num_test=4, overwrite=True)
+    assert record["counts"]["test"] == {"source": 4, "target": 4}
 
 
 @pytest.mark.slow

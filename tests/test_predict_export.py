@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import assert_one_line_error, run_script
+from conftest import assert_one_line_error, run_script, snapshot
 
 pytestmark = pytest.mark.slow  # processes: the fast tier leaves them to CI
 
@@ -218,3 +218,38 @@ def test_export_into_a_file_is_refused(cropped_run, tmp_path):
                         f"--output={tmp_path}/file")
     assert_one_line_error(result, f"{tmp_path}/file is a file")
     assert (tmp_path / "file").read_text() == "x"
+
+
+def test_outputs_holding_the_users_files_are_refused_and_left_as_they_were(
+        cropped_run, tiny_data, tmp_path):
+    data = tmp_path / "DATA"
+    (data / "train").mkdir(parents=True)
+    (data / "train" / "x.png").write_text("the user's")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("the user's")
+    before = snapshot(str(tmp_path))
+    target = f"--input={tiny_data}/test/target"
+    for command, fragment in (
+            (["export.py", f"--output={data}"],
+             f"--output {data} holds files this command did not write (train)"),
+            (["predict.py", target, f"--output={notes}"],
+             f"--output {notes} is a file this command did not write"),
+            (["predict.py", target, f"--output={tmp_path}/labels.csv",
+              f"--features={notes}"],
+             f"--features {notes} is a file this command did not write")):
+        result = run_script(command[0], f"--model_dir={cropped_run}", *command[1:])
+        assert_one_line_error(result, fragment)
+    assert snapshot(str(tmp_path)) == before
+
+
+def test_an_earlier_export_and_predictions_are_replaced(cropped_run, tiny_data,
+                                                         tmp_path):
+    for _ in range(2):
+        for command in (["export.py", f"--output={tmp_path}/export"],
+                        ["predict.py", f"--input={tiny_data}/test/target",
+                         f"--output={tmp_path}/labels.csv",
+                         f"--features={tmp_path}/features.npy"]):
+            result = run_script(command[0], f"--model_dir={cropped_run}", *command[1:])
+            assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path / "export")) == ["class_names.txt",
+                                                       "model.tflite", "saved_model"]

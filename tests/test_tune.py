@@ -13,7 +13,9 @@ import time
 
 import pytest
 
-from conftest import (assert_one_line_error, run_script, start_script,
+import choosing
+
+from conftest import (assert_one_line_error, run_script, snapshot, start_script,
                       unlabel_target)
 
 pytestmark = pytest.mark.slow  # processes: the fast tier leaves them to CI
@@ -60,10 +62,18 @@ def test_a_study_is_a_set_of_ordinary_runs_scored_without_target_labels(study,
     assert rows[2]["state"] in ("complete", "pruned")
     assert (rows[0]["lr"], rows[0]["gamma"], rows[0]["num_epochs"]) == ("0.01", "10.0",
                                                                         "20")
-    best = max((row for row in rows if row["state"] == "complete"),
-               key=lambda row: float(row["score"]))
-    assert os.path.realpath(os.path.join(study_dir, "best")) == best["run"]
-    assert "beat" in result.stdout and "source-only" in result.stdout
+    verdict = [line for line in result.stdout.splitlines()
+               if line.startswith("The rule ")]
+    assert len(verdict) == 1 and "beats" not in result.stdout
+    chosen = int(re.search(r"(?:chose|kept source-only \()trial (\d+)",
+                           verdict[0]).group(1))
+    assert chosen == choosing.choose(choosing.read_trials(
+        os.path.join(study_dir, "trials.csv")))[0]["trial"]
+    assert os.path.realpath(os.path.join(study_dir, "best")) == rows[chosen]["run"]
+    with open(os.path.join(study_dir, "choice.txt")) as handle:
+        assert verdict[0] in handle.read().splitlines()
+    assert result.stdout.rstrip().endswith(f"best links to the chosen trial, "
+                                           f"{rows[chosen]['run']}")
     assert os.path.getsize(os.path.join(study_dir, "trials.png")) > 10_000
     trial = os.path.join(study_dir, "best")
     assert run_script("eval.py", f"--model_dir={trial}",
@@ -172,6 +182,17 @@ def test_collapsed_models_are_ruled_out_by_the_stated_rule():
     assert "not learned" in tuning.ruled_out({"source_accuracy": 0.4,
                                               "target_top_share": 0.8})
     assert tuning.ruled_out({"source_accuracy": 0.99, "target_top_share": 0.8}) is None
+
+
+def test_a_study_dir_holding_the_users_files_is_refused_and_kept(tune_data, tmp_path):
+    (tmp_path / "DATA" / "train").mkdir(parents=True)
+    (tmp_path / "DATA" / "notes.txt").write_text("the user's")
+    before = snapshot(str(tmp_path))
+    result = run_script("tune.py", *tune_args(tune_data, str(tmp_path / "DATA"),
+                                              "--trials=2"))
+    assert_one_line_error(result, f"--study_dir {tmp_path}/DATA holds files this "
+                          "command did not write (notes.txt, train)")
+    assert snapshot(str(tmp_path)) == before
 
 
 def test_a_study_of_another_objective_is_refused(study, tune_data):

@@ -1,0 +1,113 @@
+"""The rule that chooses a study's trial without target labels (choosing.py), on
+constructed score tables, and the leaderboard lines that report it."""
+
+import pytest
+
+import choosing
+import tuning
+
+
+def trial(number, mode, snd, entropy, source_accuracy, share=0.12, dev=-0.2,
+          state="complete", **params):
+    return {"trial": number, "mode": mode, "state": state, "lr": params.get("lr", 0.01),
+            "gamma": params.get("gamma", 10.0), "num_epochs": 20, "score": snd,
+            "val_snd": snd, "val_target_entropy": entropy, "val_dev": dev,
+            "val_source_accuracy": source_accuracy, "val_target_top_share": share,
+            "ruled_out": "" if state == "complete" else "the loss became NaN",
+            "run": f"runs/tune/trial_{number:04d}"}
+
+
+# The study of a real digit shift that tune.py once got wrong (issue 31): snd alone
+# chose trial 3, 16.6 points below source-only on the target.
+REAL_SHIFT = [trial(0, "source_only", 4.7044, -0.2625, 0.986, dev=-0.1596),
+              trial(1, "dann", 4.5952, -0.5570, 0.964, dev=-0.4023),
+              trial(3, "dann", 4.8011, -0.4543, 0.923, dev=-0.5091, lr=0.0196),
+              trial(7, "dann", 4.6028, -0.5819, 0.982, dev=-0.0964),
+              trial(9, "dann", 4.6613, -0.2660, 0.9735, dev=-0.1887)]
+
+
+def test_a_higher_snd_alone_does_not_beat_source_only():
+    assert choosing.best_by(REAL_SHIFT, ("snd",))["trial"] == 3  # what snd alone did
+    chosen, reason = choosing.choose(REAL_SHIFT)
+    assert chosen["trial"] == 0
+    assert reason == "kept source-only (trial 0): no DANN trial beat it on target_entropy"
+
+
+def test_trial_3_falls_short_on_target_entropy_even_with_source_only_s_accuracy():
+    lucky = dict(REAL_SHIFT[2], val_source_accuracy=0.986)
+    chosen, _ = choosing.choose([REAL_SHIFT[0], lucky])
+    assert chosen["trial"] == 0
+    assert choosing.falls_short(lucky, REAL_SHIFT[0], choosing.EVIDENCE, 0.02, 0.1) == \
+        "not above source-only on target_entropy"
+
+
+def test_a_dann_trial_above_source_only_on_the_evidence_is_chosen():
+    rows = REAL_SHIFT + [trial(10, "dann", 4.75, -0.20, 0.980)]
+    chosen, reason = choosing.choose(rows)
+    assert chosen["trial"] == 10
+    assert reason == ("chose trial 10 (dann): above source-only (trial 0) on "
+                      "target_entropy, val source accuracy 0.9800 against 0.9860; the "
+                      "only DANN trial that qualified")
+
+
+@pytest.mark.parametrize("source_accuracy, share, fragment", [
+    (0.9659, 0.12, "more than 0.02 below source-only's"),
+    (0.98, 0.2201, "more than 10% above source-only's"),
+])
+def test_margins_on_source_accuracy_and_class_share_rule_a_trial_out(
+        source_accuracy, share, fragment):
+    source_only = trial(0, "source_only", 4.0, -0.5, 0.986)
+    dann = trial(1, "dann", 4.5, -0.2, source_accuracy, share=share)
+    chosen, reason = choosing.choose([source_only, dann])
+    assert chosen["trial"] == 0
+    assert reason.startswith("kept source-only (trial 0): no DANN trial beat it on "
+                             "target_entropy within the margins (trial 1: ")
+    assert fragment in choosing.falls_short(dann, source_only, choosing.EVIDENCE,
+                                            choosing.ACCURACY_MARGIN,
+                                            choosing.SHARE_MARGIN)
+    within = dict(dann, val_source_accuracy=0.967, val_target_top_share=0.21)
+    assert choosing.choose([source_only, within])[0]["trial"] == 1
+
+
+def test_of_the_qualified_trials_the_best_rank_sum_wins():
+    rows = [trial(0, "source_only", 4.0, -0.5, 0.99),
+            trial(1, "dann", 4.9, -0.45, 0.99),   # ranks 0 + 2
+            trial(2, "dann", 4.6, -0.30, 0.99),   # ranks 1 + 0
+            trial(3, "dann", 4.5, -0.40, 0.99)]   # ranks 2 + 1
+    assert choosing.choose(rows, evidence=("snd", "target_entropy"))[0]["trial"] == 2
+    assert choosing.best_by(rows, ("snd", "target_entropy"))["trial"] == 2
+    assert choosing.choose(rows)[0]["trial"] == 2  # the best by target_entropy
+
+
+def test_without_a_scored_source_only_trial_the_reason_says_so():
+    rows = [trial(0, "source_only", 4.0, -0.5, 0.99, state="pruned"),
+            trial(1, "dann", 4.5, -0.2, 0.98)]
+    chosen, reason = choosing.choose(rows)
+    assert chosen["trial"] == 1 and "no source-only trial was scored" in reason
+    assert choosing.choose(rows[:1]) == (None, None)
+
+
+def test_a_study_recorded_before_the_class_share_is_still_chosen_from():
+    rows = [dict(trial(0, "source_only", 4.0, -0.5, 0.99), val_target_top_share=None),
+            dict(trial(1, "dann", 4.5, -0.2, 0.98), val_target_top_share=None)]
+    assert choosing.choose(rows)[0]["trial"] == 1
+
+
+def test_the_leaderboard_says_what_was_kept_and_never_beats_from_one_score():
+    lines = tuning.leaderboard(REAL_SHIFT, "snd")
+    assert lines[-1].startswith("The rule kept source-only (trial 0)")
+    assert not any("beats" in line for line in lines)
+    marked = [line for line in lines if line.startswith("*")]
+    assert len(marked) == 1 and marked[0].split()[1:3] == ["0", "source_only"]
+    # Sorted by the objective: trial 3 first, unmarked.
+    assert lines[1].split()[:2] == ["3", "dann"]
+
+
+def test_when_every_trial_was_ruled_out_the_last_line_says_what_to_try():
+    rows = [trial(0, "source_only", 4.0, -0.5, 0.99, state="pruned"),
+            trial(1, "dann", 4.5, -0.2, 0.98, state="pruned")]
+    lines = tuning.leaderboard(rows, "snd")
+    assert lines[-1].startswith("Nothing chosen: none of the 2 trials was scored")
+    assert "--trials" in lines[-1]
+    assert lines[-3:-1] == ["trial 0 ruled out: the loss became NaN",
+                            "trial 1 ruled out: the loss became NaN"]
