@@ -93,10 +93,15 @@ NETWORK = {
 }
 RUN = {
     "model_dir": MODEL_DIR,
-    "mode": Setting("dann", "dann: adversarial adaptation; source_only: same network "
-                    "without the domain loss (lower bound); target_only: trained on "
-                    "target labels (upper bound).",
-                    choices=("dann", "source_only", "target_only")),
+    "mode": Setting("dann", "dann: adversarial adaptation (the paper); source_only: "
+                    "same network without the domain loss (lower bound); target_only: "
+                    "trained on target labels (upper bound); cdan, cdan_e: conditional "
+                    "adversarial adaptation, cdan_e weighting confident images more; "
+                    "mcc: minimum class confusion; coral: Deep CORAL (methods.py). "
+                    "lambda (--gamma, --fixed_lambda) weights every method's "
+                    "adaptation.",
+                    choices=("dann", "source_only", "target_only", "cdan", "cdan_e",
+                             "mcc", "coral")),
     "num_epochs": Setting(20, "Training epochs (passes over the larger domain); the "
                           "schedules span all of them. The paper table's runs use 40.",
                           "positive"),

@@ -17,6 +17,7 @@ from sklearn import linear_model, preprocessing
 import cache
 import data_utils
 import folders
+import methods
 import models
 
 SND_TEMPERATURE = 0.05  # Saito et al. (2021)'s default
@@ -92,8 +93,8 @@ def deep_embedded_validation(weights, source_losses):
 
 
 def reverse_validation(model, source, target, pseudo_labels, recipe):
-    """The paper's reverse validation (JMLR 2016, section 5.1.2): a DANN trained with
-    `recipe` from the target images, labelled by `model` (`pseudo_labels`), to the
+    """The paper's reverse validation (JMLR 2016, section 5.1.2): a model trained with
+    `recipe` (DANN for a baseline) from the target images, labelled by `model` (`pseudo_labels`), to the
     unlabelled source images, then scored on the source images' labels.
 
     Args:
@@ -107,9 +108,11 @@ def reverse_validation(model, source, target, pseudo_labels, recipe):
     reverse_target = cache.DomainImages(source, shape[:2], shape[2])
     steps = data_utils.steps_per_epoch(len(target), len(source), recipe["batch_size"])
     mean = models.input_mean(model.network, (reverse_source, reverse_target))
-    # As the evaluated model was built: an older run's flags.txt may lack --model.
+    # As the evaluated model was built: an older run's flags.txt may lack --model. A
+    # baseline's reverse model adapts with DANN, an adapting run's with its method.
+    mode = model.mode if model.mode in methods.ADAPTING else "dann"
     reverse = models.dann_from_recipe(
-        {**recipe, "mode": "dann", "model": model.network, "augment": model.augment},
+        {**recipe, "mode": mode, "model": model.network, "augment": model.augment},
         shape, model.num_classes, mean, steps * recipe["num_epochs"])
     batches = data_utils.training_dataset(reverse_source, reverse_target, "source",
                                           recipe["batch_size"], recipe["seed"],

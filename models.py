@@ -1,16 +1,18 @@
 """The DANN network, its gradient-reversal layer, training step and schedules.
 
 Ganin & Lempitsky, "Unsupervised Domain Adaptation by Backpropagation" (ICML 2015)
-and "Domain-Adversarial Training of Neural Networks" (JMLR 2016).
+and "Domain-Adversarial Training of Neural Networks" (JMLR 2016). The same model
+trains the methods of methods.py (`cdan`, `cdan_e`, `mcc`, `coral`).
 """
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+import methods
 import networks
 
-MODES = ("dann", "source_only", "target_only")
+MODES = ("dann", "source_only", "target_only", "cdan", "cdan_e", "mcc", "coral")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 SOURCE_DOMAIN, TARGET_DOMAIN = 0, 1
 
@@ -119,17 +121,24 @@ class DANN(keras.Model):
         self.fixed_lambda = float(fixed_lambda)
         self.class_names = list(class_names) if class_names else [
             str(k) for k in range(self.num_classes)]
-        parts = networks.build(network, self.image_shape, self.num_classes, self.mean,
-                               precision, weights, centre_crop=self.augment)
+        parts = networks.build(
+            network, self.image_shape, self.num_classes, self.mean, precision, weights,
+            centre_crop=self.augment, domain_input=lambda size: methods.domain_input_size(
+                mode, size, self.num_classes))
         self.features, self.label_head = parts.features, parts.label_head
+        if mode in methods.CONDITIONED:
+            self.conditioning = methods.MultilinearMap(
+                self.features.output_shape[-1], self.num_classes, name="multilinear_map",
+                dtype="float32")
         # float32, so lambda scales the reversed gradient in full precision.
         self.grl = GradientReversal(0.0, name="gradient_reversal", dtype="float32")
         self.domain_head = parts.domain_head
         self._slow_weight_ids = {id(weight) for weight in (
             parts.backbone.trainable_weights if parts.backbone else ())}
         self.labelled_domain = TARGET_DOMAIN if mode == "target_only" else SOURCE_DOMAIN
-        self.trackers = {name: keras.metrics.Mean(name=name)
-                         for name in ("loss", "label_loss", "domain_loss")}
+        losses = ("loss", "label_loss", "domain_loss") + (
+            ("adaptation_loss",) if mode in methods.LOSS_BASED else ())
+        self.trackers = {name: keras.metrics.Mean(name=name) for name in losses}
         self.accuracies = {
             "label_accuracy": keras.metrics.SparseCategoricalAccuracy("label_accuracy"),
             "source_accuracy": keras.metrics.SparseCategoricalAccuracy("source_accuracy"),
@@ -146,47 +155,83 @@ class DANN(keras.Model):
         if isinstance(images, dict):  # a training batch, as Keras passes one to build
             images = tf.concat([images["source_images"], images["target_images"]], 0)
         features = self.features(images, training=training)
+        class_logits = self.label_head(features, training=training)
+        domain_input = self.domain_input(features, class_logits)
         return {
-            "class_logits": self.label_head(features, training=training),
-            "domain_logits": self.domain_head(self.grl(features), training=training),
+            "class_logits": class_logits,
+            "domain_logits": self.domain_head(self.grl(domain_input), training=training),
         }
+
+    def domain_input(self, features, class_logits):
+        """What the domain classifier judges: the features; for CDAN their
+        multilinear map with the class probabilities (constants to the map, as in the
+        paper); for MCC and CORAL the features with no gradient back, so that their
+        domain classifier only measures, as in source_only mode."""
+        if self.mode in methods.CONDITIONED:
+            probabilities = tf.stop_gradient(tf.nn.softmax(
+                tf.cast(class_logits, tf.float32)))
+            return self.conditioning(features, probabilities)
+        if self.mode in methods.LOSS_BASED:
+            return tf.stop_gradient(features)
+        return features
 
     @property
     def metrics(self):
         return list(self.trackers.values()) + list(self.accuracies.values())
 
     def _forward(self, batch, training):
+        """The step's losses ({"label_loss", "domain_loss"[, "adaptation_loss"]}),
+        and the labelled images' class logits, the domain logits and labels."""
         source, target = batch["source_images"], batch["target_images"]
-        images = tf.concat([source, target], axis=0)
-        features = self.features(images, training=training)
+        features = self.features(tf.concat([source, target], axis=0), training=training)
         num_source = tf.shape(source)[0]
-        labelled = features[:num_source] if self.labelled_domain == SOURCE_DOMAIN \
-            else features[num_source:]
-        class_logits = self.label_head(labelled, training=training)
-        domain_logits = self.domain_head(self.grl(features), training=training)[:, 0]
+        if self.mode in methods.ADAPTING and self.mode != "dann":
+            all_logits = self.label_head(features, training=training)
+            class_logits = all_logits[:num_source]
+        else:  # the labelled half alone: dann and the baselines as they always were
+            all_logits = None
+            class_logits = self.label_head(
+                features[:num_source] if self.labelled_domain == SOURCE_DOMAIN
+                else features[num_source:], training=training)
+        domain_logits = self.domain_head(
+            self.grl(self.domain_input(features, all_logits)), training=training)[:, 0]
         domain_labels = tf.concat(
             [tf.zeros_like(source[:, 0, 0, 0], tf.float32),
              tf.ones_like(target[:, 0, 0, 0], tf.float32)], axis=0)
-        label_loss = tf.reduce_mean(
+        losses = {"label_loss": tf.reduce_mean(
             keras.losses.sparse_categorical_crossentropy(
-                batch["labels"], class_logits, from_logits=True))
-        domain_loss = tf.reduce_mean(
-            keras.losses.binary_crossentropy(
+                batch["labels"], class_logits, from_logits=True))}
+        if self.mode == "cdan_e":
+            losses["domain_loss"] = methods.entropy_weighted_domain_loss(
+                domain_labels, domain_logits, tf.nn.softmax(all_logits))
+        else:
+            losses["domain_loss"] = tf.reduce_mean(keras.losses.binary_crossentropy(
                 domain_labels[:, None], domain_logits[:, None], from_logits=True))
-        return label_loss, domain_loss, class_logits, domain_logits, domain_labels
+        if self.mode in methods.LOSS_BASED:
+            losses["adaptation_loss"] = methods.adaptation_loss(
+                self.mode, all_logits[:num_source], all_logits[num_source:])
+        return losses, class_logits, domain_logits, domain_labels
 
-    def _update_metrics(self, batch, label_loss, domain_loss, class_logits,
-                        domain_logits, domain_labels):
-        self.trackers["loss"].update_state(label_loss + domain_loss)
-        self.trackers["label_loss"].update_state(label_loss)
-        self.trackers["domain_loss"].update_state(domain_loss)
+    def total_loss(self, losses):
+        """The loss a step minimises: label and domain losses, plus lambda times a
+        loss-based method's adaptation loss."""
+        total = losses["label_loss"] + losses["domain_loss"]
+        if "adaptation_loss" in losses:
+            total += tf.cast(self.grl.lambda_, tf.float32) * losses["adaptation_loss"]
+        return total
+
+    def _update_metrics(self, batch, losses, class_logits, domain_logits,
+                        domain_labels):
+        self.trackers["loss"].update_state(self.total_loss(losses))
+        for name, value in losses.items():
+            self.trackers[name].update_state(value)
         self.accuracies["label_accuracy"].update_state(batch["labels"], class_logits)
         self.accuracies["domain_accuracy"].update_state(domain_labels, domain_logits)
 
     def adaptation_factor(self):
-        """lambda for the coming step: in `dann` mode the paper's schedule, or
-        `fixed_lambda` where it is above 0; 0 in the other modes."""
-        if self.mode != "dann":
+        """lambda for the coming step: for an adapting method (methods.ADAPTING) the
+        paper's schedule, or `fixed_lambda` where it is above 0; 0 in the baselines."""
+        if self.mode not in methods.ADAPTING:
             return tf.constant(0.0)
         if self.fixed_lambda > 0:
             return tf.constant(self.fixed_lambda)
@@ -199,11 +244,11 @@ class DANN(keras.Model):
         # by a resumed run.
         self.grl.lambda_.assign(self.adaptation_factor())
         with tf.GradientTape() as tape:
-            label_loss, domain_loss, *outputs = self._forward(batch, training=True)
+            losses, *outputs = self._forward(batch, training=True)
             # Replicas see equal slices of one batch and their gradients are summed:
             # dividing by their number makes the update the one-device update.
             replicas = tf.distribute.get_replica_context().num_replicas_in_sync
-            loss = self.optimizer.scale_loss((label_loss + domain_loss) / replicas)
+            loss = self.optimizer.scale_loss(self.total_loss(losses) / replicas)
         weights = self.trainable_weights
         gradients = tape.gradient(loss, weights)
         # With SGD and momentum, a gradient scaled by s is a learning rate scaled by s.
@@ -211,7 +256,7 @@ class DANN(keras.Model):
                      if id(weight) in self._slow_weight_ids else gradient
                      for gradient, weight in zip(gradients, weights)]
         self.optimizer.apply(gradients, weights)
-        self._update_metrics(batch, label_loss, domain_loss, *outputs)
+        self._update_metrics(batch, losses, *outputs)
         return self.training_logs()
 
     def training_logs(self):

@@ -24,6 +24,7 @@ from scipy import special
 
 import folders
 import label_free
+import methods
 
 MONITOR_IMAGES = 1000  # per domain, from the training split when there is no val/
 SCORED_IMAGES = 2000  # at most, of the target images entropy and SND are computed on
@@ -88,7 +89,7 @@ def health_warnings(rows, num_epochs, mode):
     found = {}
     high = [row["epoch"] for row in rows
             if row.get("monitor_domain_accuracy", 0) >= DOMAIN_ALARM]
-    if mode == "dann" and len(high) > num_epochs / 2:
+    if mode in methods.ADVERSARIAL and len(high) > num_epochs / 2:
         found["domain"] = (
             f"the domain classifier told source from target images apart with accuracy "
             f">= {DOMAIN_ALARM} in {len(high)} of the run's {num_epochs} epochs (0.5 is "

@@ -154,7 +154,8 @@ def digit_features(input_shape, mean, convolutions, pool, precision, padding="va
     return keras.Sequential(layers, name="features")
 
 
-def digit_network(network, input_shape, num_classes, mean, precision, centre_crop):
+def digit_network(network, input_shape, num_classes, mean, precision, centre_crop,
+                  domain_input):
     """The `mnist`, `keras_dann` or `svhn` network."""
     if network == "svhn":
         # The paper does not state the padding: "same" convolutions keep 28x28 digits
@@ -165,7 +166,8 @@ def digit_network(network, input_shape, num_classes, mean, precision, centre_cro
         return Network(features,
                        dense_head(size, (3072, 2048), num_classes, "label_classifier",
                                   precision),
-                       dense_head(size, (1024, 1024), 1, "domain_classifier", precision))
+                       dense_head(domain_input(size), (1024, 1024), 1,
+                                  "domain_classifier", precision))
     extra = {"dropout": 0.5, "initializer": "random_normal"} \
         if network == "keras_dann" else {}
     features = digit_features(input_shape, mean, (32, 48), (2, 2), precision,
@@ -175,7 +177,8 @@ def digit_network(network, input_shape, num_classes, mean, precision, centre_cro
     return Network(features,
                    dense_head(size, (100, 100), num_classes, "label_classifier",
                               precision, **extra),
-                   dense_head(size, (100,), 1, "domain_classifier", precision, **extra))
+                   dense_head(domain_input(size), (100,), 1, "domain_classifier",
+                              precision, **extra))
 
 
 def check(network, input_shape, weights):
@@ -217,7 +220,7 @@ def backbone_model(network, input_shape, precision, weights):
 
 
 def backbone_network(network, input_shape, num_classes, precision, weights,
-                     centre_crop):
+                     centre_crop, domain_input):
     """The `resnet50` recipe: backbone, bottleneck, label and domain heads."""
     backbone = backbone_model(network, input_shape, precision, weights)
     features = keras.Sequential(
@@ -227,12 +230,13 @@ def backbone_network(network, input_shape, num_classes, precision, weights,
          keras.layers.BatchNormalization(dtype=precision),
          keras.layers.ReLU(dtype=precision)], name="features")
     return Network(features, dense_head(256, (), num_classes, "label_classifier"),
-                   dense_head(256, (1024, 1024), 1, "domain_classifier", precision),
+                   dense_head(domain_input(256), (1024, 1024), 1, "domain_classifier",
+                              precision),
                    backbone)
 
 
 def build(network, input_shape, num_classes, mean, precision="float32", weights="none",
-          centre_crop=False):
+          centre_crop=False, domain_input=None):
     """The named network's parts.
 
     Args:
@@ -243,6 +247,8 @@ def build(network, input_shape, num_classes, mean, precision="float32", weights=
         weights: for a backbone, "imagenet", "none" or a weights file.
         centre_crop: whether evaluation centre-crops (a run trained with random
             crops); see `InferenceInput`.
+        domain_input: the domain head's input width as a function of the features'
+            (default: the features' own; CDAN's head judges a wider map).
 
     Raises:
         UserError: as `check`, or backbone weights that cannot be downloaded or read.
@@ -250,7 +256,9 @@ def build(network, input_shape, num_classes, mean, precision="float32", weights=
     if network not in NETWORKS:
         raise ValueError(f"network must be one of {NETWORKS}, got {network!r}")
     check(network, input_shape, weights)
+    domain_input = domain_input or (lambda size: size)
     if network in BACKBONES:
         return backbone_network(network, input_shape, num_classes, precision, weights,
-                                centre_crop)
-    return digit_network(network, input_shape, num_classes, mean, precision, centre_crop)
+                                centre_crop, domain_input)
+    return digit_network(network, input_shape, num_classes, mean, precision, centre_crop,
+                         domain_input)

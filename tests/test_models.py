@@ -186,7 +186,7 @@ def test_domain_loss_reaches_the_features_only_in_dann_mode():
         model = models.build_dann((28, 28, 3), 10, [0.5] * 3, mode, 10)
         model.grl.lambda_.assign(lam)
         with tf.GradientTape() as tape:
-            _, domain_loss, *_ = model._forward(batch, training=True)
+            domain_loss = model._forward(batch, training=True)[0]["domain_loss"]
         grads = tape.gradient(domain_loss, model.features.trainable_weights)
         norm = sum(float(tf.reduce_sum(tf.abs(g))) for g in grads)
         assert (norm > 0) == expect_change, mode
@@ -203,7 +203,7 @@ def test_a_dann_step_raises_the_domain_loss_via_the_features_and_lowers_it_in_th
     model.optimizer.iterations.assign(99)
 
     def domain_loss():
-        return float(model._forward(batch, training=False)[1])
+        return float(model._forward(batch, training=False)[0]["domain_loss"])
 
     def values(network):
         return [w.numpy() for w in network.weights]
