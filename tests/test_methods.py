@@ -1,15 +1,21 @@
 """The losses of methods.py against small hand computations, and each method's
 place in the model's step."""
 
+import csv
+import json
 import math
+import os
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from PIL import Image
 
 import methods
 import models
+import run_folder
+from conftest import run_script, saved_weights
 
 ADAPTING = ("cdan", "cdan_e", "mcc", "coral")
 
@@ -160,3 +166,48 @@ def test_each_method_saves_and_reloads_with_its_predictions(mode, tmp_path):
     for key in ("class_logits", "domain_logits"):
         np.testing.assert_allclose(loaded(images)[key].numpy(), model(images)[key].numpy(),
                                    rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ADAPTING)
+def test_each_method_trains_resumes_evaluates_predicts_and_exports(mode, tiny_data,
+                                                                   tmp_path):
+    common = [f"--train_dir={tiny_data}/train", f"--val_dir={tiny_data}/test",
+              f"--mode={mode}", "--num_epochs=2", "--batch_size=8", "--log_rate=1"]
+    full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
+    for model_dir in (full, resumed):
+        result = run_script("train.py", *common, f"--model_dir={model_dir}")
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Trained {mode} for 2 epochs" in result.stdout
+    # As if the run had stopped after its first epoch.
+    os.remove(run_folder.latest_checkpoint(resumed))
+    os.remove(os.path.join(resumed, "model.keras"))
+    result = run_script("train.py", *common, f"--model_dir={resumed}", "--restore_model")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for a, b in zip(saved_weights(os.path.join(full, "model.keras")),
+                    saved_weights(os.path.join(resumed, "model.keras"))):
+        np.testing.assert_array_equal(a, b)
+    result = run_script("eval.py", f"--model_dir={full}", f"--test_dir={tiny_data}/test",
+                        "--label_free")
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(os.path.join(full, "eval", "test", "eval_report.json")) as handle:
+        assert set(json.load(handle)["label_free_scores"]) >= {"snd", "dev", "iwcv"}
+    output = str(tmp_path / "labels.csv")
+    for command in (["predict.py", f"--input={tiny_data}/test/target",
+                     f"--output={output}"], ["export.py"]):
+        result = run_script(*command, f"--model_dir={full}")
+        assert result.returncode == 0, result.stderr[-3000:]
+    with open(output, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    images = np.stack([np.asarray(Image.open(row["path"]).convert("RGB"))
+                       for row in rows])
+    served = tf.saved_model.load(os.path.join(full, "export", "saved_model")).signatures[
+        "serving_default"](images=tf.constant(images))
+    names = sorted(os.listdir(os.path.join(tiny_data, "train", "source")))
+    np.testing.assert_allclose(
+        served["probabilities"].numpy(),
+        [[float(row[f"probability_{name}"]) for name in names] for row in rows],
+        atol=1e-5)
+    np.testing.assert_allclose(served["target_domain_probability"].numpy(),
+                               [float(row["target_domain_probability"]) for row in rows],
+                               atol=1e-5)

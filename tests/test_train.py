@@ -43,7 +43,9 @@ def _permute_labels(monkeypatch, domain):
     monkeypatch.setattr(folders, "scan_split", scan_with_permuted_labels)
 
 
-@pytest.mark.parametrize("mode", ["dann", "source_only"])
+@pytest.mark.parametrize("mode", ["dann", "source_only", *(
+    pytest.param(mode, marks=pytest.mark.slow) for mode in ("cdan", "cdan_e", "mcc",
+                                                            "coral"))])
 def test_target_labels_never_reach_the_training_loss(tiny_data, tmp_path, monkeypatch,
                                                      mode):
     run(_config(tiny_data, tmp_path / "true", mode=mode, num_epochs=1))
