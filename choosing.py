@@ -2,7 +2,7 @@
 
 No label-free score is safe alone: on some shifts the DANN trial a score ranks first
 is far below source-only on the target (benchmarks/shifts.md). So source-only is kept
-unless a DANN trial beats it with consistent evidence:
+unless an adapted trial (DANN or another method) beats it with consistent evidence:
 
 - it beats source-only on every score in `evidence` (by default target_entropy:
   its val target predictions are more confident);
@@ -10,7 +10,7 @@ unless a DANN trial beats it with consistent evidence:
 - its val target images given the most given class are at most `share_margin` more
   than source-only's (its predictions have not drifted toward fewer classes).
 
-Among the DANN trials that qualify, the one with the best sum of its ranks by the
+Among the adapted trials that qualify, the one with the best sum of its ranks by the
 evidence scores is chosen. A trial is a row of tuning.trial_rows: `mode`, `state`,
 `val_<score>` for each label-free score and `val_target_top_share`.
 """
@@ -51,8 +51,14 @@ def best_by(rows, scores):
                                       row["trial"]), default=None)
 
 
+def methods_of(rows):
+    """The modes of `rows` in words: "dann", "cdan or dann", "cdan, dann or mcc"."""
+    modes = sorted({row["mode"] for row in rows}) or ["adapted"]
+    return " or ".join([", ".join(modes[:-1]), modes[-1]] if len(modes) > 1 else modes)
+
+
 def falls_short(row, source_only, evidence, accuracy_margin, share_margin):
-    """Why the DANN trial `row` does not beat `source_only` with consistent evidence,
+    """Why the adapted trial `row` does not beat `source_only` with consistent evidence,
     or None when it does."""
     behind = [score for score in evidence
               if row[f"val_{score}"] <= source_only[f"val_{score}"]]
@@ -77,7 +83,7 @@ def choose(rows, evidence=EVIDENCE, accuracy_margin=ACCURACY_MARGIN,
 
     Returns:
         (row, reason); row is None when no trial was scored. Without a scored
-        source-only trial, the DANN trial best by `evidence` is chosen, and the reason
+        source-only trial, the adapted trial best by `evidence` is chosen, and the reason
         says it could not be compared.
     """
     scored = completed(rows)
@@ -98,7 +104,7 @@ def choose(rows, evidence=EVIDENCE, accuracy_margin=ACCURACY_MARGIN,
         beaten_on_scores = [f"trial {number}: {why}" for number, why in
                             shortfalls.items() if not why.startswith("not above")]
         return source_only, (f"kept source-only (trial {source_only['trial']}): no "
-                             f"DANN trial beat it on {' and '.join(evidence)}"
+                             f"{methods_of(dann)} trial beat it on {' and '.join(evidence)}"
                              + (f" within the margins ({'; '.join(beaten_on_scores)})"
                                 if beaten_on_scores else ""))
     chosen = best_by(qualified, evidence)
@@ -107,5 +113,6 @@ def choose(rows, evidence=EVIDENCE, accuracy_margin=ACCURACY_MARGIN,
                     f"{' and '.join(evidence)}, val source accuracy "
                     f"{chosen['val_source_accuracy']:.4f} against "
                     f"{source_only['val_source_accuracy']:.4f}; "
-                    + ("the only DANN trial that qualified" if len(qualified) == 1 else
-                       f"the best of the {len(qualified)} DANN trials that qualified"))
+                    + ("the only adapted trial that qualified" if len(qualified) == 1
+                       else f"the best of the {len(qualified)} adapted trials that "
+                       "qualified"))

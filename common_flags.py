@@ -21,7 +21,12 @@ CACHE_DIR = os.path.join(REPO_DIR, "data", "cache")
 # flags.txt is the recipe of a run, not where it lives, how it was resumed or replaced,
 # or how it was spread over devices: a replay goes where its own --model_dir says.
 NOT_RECORDED = ("model_dir", "restore_model", "overwrite", "distribute")
+# The modes that adapt to the target (models.MODES less the two baselines).
+ADAPTING_MODES = ("dann", "cdan", "cdan_e", "mcc", "coral")
 RULES = {  # name: (test, what the error message says the value must be)
+    "methods": (lambda value: bool(value) and all(
+        part in ADAPTING_MODES for part in value.split(",")),
+                f"must be a comma-separated list of {', '.join(ADAPTING_MODES)}"),
     "positive": (lambda value: value >= 1, "must be a positive integer"),
     "at least 0": (lambda value: value >= 0, "must be zero or positive"),
     "above 0": (lambda value: value > 0, "must be positive"),
@@ -100,8 +105,7 @@ RUN = {
                     "mcc: minimum class confusion; coral: Deep CORAL (methods.py). "
                     "lambda (--gamma, --fixed_lambda) weights every method's "
                     "adaptation.",
-                    choices=("dann", "source_only", "target_only", "cdan", "cdan_e",
-                             "mcc", "coral")),
+                    choices=("dann", "source_only", "target_only", *ADAPTING_MODES[1:])),
     "num_epochs": Setting(20, "Training epochs (passes over the larger domain); the "
                           "schedules span all of them. The paper table's runs use 40.",
                           "positive"),
@@ -201,6 +205,10 @@ TUNE = {
                       "DANN recipe) included.", "positive"),
     "sampler": Setting("tpe", "How trials are proposed: tpe (Optuna's TPE, seeded), "
                        "random, or grid (tuning.GRID).", choices=("tpe", "random", "grid")),
+    "methods": Setting("dann", "The methods (--mode) the study searches, comma-separated: "
+                       "dann, cdan, cdan_e, mcc, coral; with more than one, each trial "
+                       "draws one. Source-only and the default DANN recipe are always "
+                       "trials.", "methods"),
     "objective": Setting("snd", "The label-free score on --val_dir the study maximises; "
                          "source_accuracy for comparison.",
                          choices=("snd", "target_entropy", "source_accuracy")),

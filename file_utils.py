@@ -1,4 +1,5 @@
-"""The user-error type, output checks, atomic writes, and TensorFlow's start without its notes.
+"""The user-error type, output checks, atomic writes, and TensorFlow's start without
+its notes.
 
 Imports neither TensorFlow nor absl, so the scripts can check their flags first.
 """

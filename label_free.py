@@ -94,8 +94,9 @@ def deep_embedded_validation(weights, source_losses):
 
 def reverse_validation(model, source, target, pseudo_labels, recipe):
     """The paper's reverse validation (JMLR 2016, section 5.1.2): a model trained with
-    `recipe` (DANN for a baseline) from the target images, labelled by `model` (`pseudo_labels`), to the
-    unlabelled source images, then scored on the source images' labels.
+    `recipe` (DANN for a baseline) from the target images, labelled by `model`
+    (`pseudo_labels`), to the unlabelled source images, then scored on the source
+    images' labels.
 
     Args:
         recipe: the run's own train.py flags ({name: value}); of them, what
@@ -126,8 +127,8 @@ def reverse_validation(model, source, target, pseudo_labels, recipe):
 def scores(model, split, recipe=None):
     """{score: value} for `model` on a scanned split, those its domains allow:
     `source_accuracy` needs its source, `target_entropy` and `snd` its target, `dev`
-    and `iwcv` both; with `recipe` (the run's flags) and both domains, `reverse_validation` too,
-    which trains a model."""
+    and `iwcv` both; with `recipe` (the run's flags) and both domains,
+    `reverse_validation` too, which trains a model."""
     result, source, target = {}, None, None
     if split.source is not None:
         source = in_content_order(split.source)

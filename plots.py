@@ -158,37 +158,62 @@ def domain_scatter(points, domains, domain_names, title, path):
     save_figure(figure, path)
 
 
-def tuning_figure(rows, params, objective, path):
-    """A study's trials: the objective per trial (source-only's as a line), then the
-    objective against each searched flag; `params` maps each to its (low, high) range
-    where it is drawn on a log scale, else None."""
+MODE_COLOURS = {"source_only": "C3", "dann": "C0", "cdan": "C1", "cdan_e": "C4",
+                "mcc": "C2", "coral": "C5"}
+
+
+def tuning_figure(rows, params, objective, path, chosen=None):
+    """A study's trials: the objective of every trial by number (source-only's as a
+    dashed line; a ruled-out trial as a cross below the others; the `chosen` row
+    ringed), then the adapted trials' objective against each searched flag; `params`
+    maps each flag to its (low, high) range where it is drawn on a log scale, else
+    None."""
     scored = [row for row in rows if row["state"] == "complete"]
     figure, axes = plt.subplots(1, 1 + len(params), figsize=(5 * (1 + len(params)), 4),
                                 layout="constrained", squeeze=False)
-    for mode, colour in (("dann", "C0"), ("source_only", "C3")):
-        chosen = [row for row in scored if row["mode"] == mode]
-        axes[0][0].scatter([row["trial"] for row in chosen],
-                           [row["score"] for row in chosen], color=colour, label=mode)
-        for axis, name in zip(axes[0][1:], params):
-            axis.scatter([row[name] for row in chosen], [row["score"] for row in chosen],
-                         color=colour, label=mode)
+    axes = axes[0]
+    scores = [row["score"] for row in scored] or [0.0]
+    floor = min(scores) - 0.1 * (max(scores) - min(scores) or 1.0)
+    for mode in dict.fromkeys(row["mode"] for row in rows):
+        of_mode = [row for row in scored if row["mode"] == mode]
+        colour = MODE_COLOURS.get(mode, "C7")
+        axes[0].scatter([row["trial"] for row in of_mode],
+                        [row["score"] for row in of_mode], color=colour, label=mode)
+        for axis, name in zip(axes[1:], params):
+            if mode != "source_only":  # it searches nothing: its line is drawn instead
+                axis.scatter([row[name] for row in of_mode],
+                             [row["score"] for row in of_mode], color=colour, label=mode)
+    ruled_out = [row for row in rows if row["state"] != "complete"]
+    for axis, name in zip(axes, ("trial", *params)):
+        axis.scatter([row[name] for row in ruled_out], [floor] * len(ruled_out),
+                     marker="x", color="C7", label="ruled out" if ruled_out else None)
+    if chosen is not None:
+        axes[0].scatter([chosen["trial"]], [chosen["score"]], s=160, facecolors="none",
+                        edgecolors="black", label="chosen")
     for source_only in (row for row in scored if row["mode"] == "source_only"):
-        for axis in axes[0]:
-            axis.axhline(source_only["score"], color="C3", linestyle="--", linewidth=1)
-    axes[0][0].set_xlabel("trial")
-    axes[0][0].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    for axis, (name, log_range) in zip(axes[0][1:], params.items()):
+        for axis in axes:
+            axis.axhline(source_only["score"], color=MODE_COLOURS["source_only"],
+                         linestyle="--", linewidth=1, label="source-only")
+    axes[0].set_xlabel("trial")
+    axes[0].set_xticks(sorted({row["trial"] for row in rows})
+                       if len(rows) <= 20 else [])
+    if len(rows) > 20:
+        axes[0].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    for axis, (name, log_range) in zip(axes[1:], params.items()):
         axis.set_xlabel(name)
         if log_range:
             axis.set_xscale("log")
             axis.set_xlim(*log_range)
         else:  # a choice: ticks at the values drawn
-            axis.set_xticks(sorted({row[name] for row in scored}))
-    for axis in axes[0]:
+            axis.set_xticks(sorted({row[name] for row in rows}))
+    for axis in axes:
         axis.set_ylabel(f"{objective} on val (higher: better)")
         axis.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    figure.suptitle(f"{len(scored)} scored trials; dashed: source-only")
+    handles, labels = axes[0].get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    figure.legend(unique.values(), unique.keys(), loc="outside right upper", fontsize=8)
+    figure.suptitle(f"{len(rows)} trials: {len(scored)} scored, {len(ruled_out)} "
+                    "ruled out or unfinished")
     save_figure(figure, path)
 
 

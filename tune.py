@@ -1,14 +1,14 @@
-"""Chooses DANN's recipe for an unlabelled target: a study of ordinary runs, each
-scored on a validation split without target labels.
+"""Chooses a recipe, and a method, for an unlabelled target: a study of ordinary
+runs, each scored on a validation split without target labels.
 
     python tune.py --train_dir D/train --val_dir D/val --study_dir runs/tune --trials 16
 
-Optuna proposes lr, gamma and the epochs (common_flags.SEARCH_SPACE), maximising
---objective; any other train.py flag passes to every trial. The trial chosen at the
-end is source-only unless a DANN trial beats it with consistent evidence
-(choosing.py). Ctrl-C stops it; the same command continues. Several
-processes, on one machine or several (--storage), can run trials of one study. The
-flags are checked before TensorFlow loads; `tuning.run` does the work.
+Optuna proposes lr, gamma and the epochs (common_flags.SEARCH_SPACE), and the method
+where --methods names several, maximising --objective; any other train.py flag passes
+to every trial. The trial chosen at the end is source-only unless an adapted trial
+beats it with consistent evidence (choosing.py). Ctrl-C stops it; the same command
+continues. Several processes, on one machine or several (--storage), can run trials of
+one study. The flags are checked before TensorFlow loads; `tuning.run` does the work.
 """
 
 import sys

@@ -76,20 +76,23 @@ def storage_of(url, study_dir, attempts=5):
                 "postgresql://user:password@host/db") from None
 
 
-def sampler_of(name, seed):
-    """The Optuna sampler --sampler names, seeded."""
+def sampler_of(name, seed, methods=("dann",)):
+    """The Optuna sampler --sampler names, seeded; a grid holds every method."""
     if name == "grid":
-        return optuna.samplers.GridSampler({key: list(values) for key, values in
-                                            GRID.items()}, seed=seed)
+        grid = {key: list(values) for key, values in GRID.items()}
+        if len(methods) > 1:
+            grid["mode"] = list(methods)
+        return optuna.samplers.GridSampler(grid, seed=seed)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed)
 
 
-def open_study(storage, objective):
+def open_study(storage, objective, methods=("dann",)):
     """Loads the study, or creates it with its two baselines enqueued first (only the
-    process that creates it enqueues them); refuses a study of another objective.
-    Returns the study and whether this process created it."""
+    process that creates it enqueues them); refuses a study of another objective or
+    other methods. Returns the study and whether this process created it."""
+    settings = {"objective": objective, "methods": ",".join(methods)}
     try:
         study = optuna.load_study(study_name=STUDY_NAME, storage=storage)
     except KeyError:  # no such study yet
@@ -97,16 +100,18 @@ def open_study(storage, objective):
             study = optuna.create_study(storage=storage, study_name=STUDY_NAME,
                                         direction="maximize")
         except optuna.exceptions.DuplicatedStudyError:  # another process was first
-            return open_study(storage, objective)
-        study.set_user_attr("objective", objective)
+            return open_study(storage, objective, methods)
+        for name, value in settings.items():
+            study.set_user_attr(name, value)
         for mode in ("source_only", "dann"):
             study.enqueue_trial(DEFAULT_RECIPE, user_attrs={"mode": mode})
         return study, True
-    recorded = study.user_attrs.get("objective", objective)
-    if recorded != objective:
-        raise UserError(f"the study in this storage scores --objective {recorded}, not "
-                        f"{objective}: pass --objective {recorded}, or another "
-                        "--study_dir or --storage for a new study")
+    for name, value in settings.items():
+        recorded = study.user_attrs.get(name, "dann" if name == "methods" else value)
+        if recorded != value:
+            raise UserError(f"the study in this storage has --{name} {recorded}, not "
+                            f"{value}: pass --{name} {recorded}, or another "
+                            "--study_dir or --storage for a new study")
     return study, False
 
 
@@ -151,14 +156,18 @@ def retry_stopped(study):
                 "model_dir": trial.user_attrs["model_dir"]})
 
 
-def suggest(trial):
-    """The searched flags of `trial`, drawn as SEARCH_SPACE says."""
+def suggest(trial, methods=("dann",)):
+    """The searched flags of `trial`, drawn as SEARCH_SPACE says, and its mode: a
+    baseline's or a retried trial's own, else one of `methods` (drawn where several)."""
     values = {}
     for name, (kind, *space) in SEARCH_SPACE.items():
         if kind == "choice":
             values[name] = trial.suggest_categorical(name, list(space[0]))
         else:
             values[name] = trial.suggest_float(name, *space, log=True)
+    values["mode"] = trial.user_attrs.get("mode") or (
+        trial.suggest_categorical("mode", list(methods)) if len(methods) > 1
+        else methods[0])
     return values
 
 
@@ -179,20 +188,21 @@ def ruled_out(scores):
     return None
 
 
-def trial_config(trial, settings, study_dir):
+def trial_config(trial, settings, study_dir, methods=("dann",)):
     """The `TrainConfig` of one trial: `settings` (train.py's flags that pass
     through), its searched flags and mode, its own run folder (a retried trial's, to
     resume from its latest checkpoint)."""
     model_dir = trial.user_attrs.get("model_dir") or os.path.join(
         study_dir, f"trial_{trial.number:04d}")
     resume = run_folder.latest_checkpoint(model_dir) is not None
+    values = suggest(trial, methods)
     trial.set_user_attr("model_dir", model_dir)
-    return training.TrainConfig(**{
-        **settings, **suggest(trial), "mode": trial.user_attrs.get("mode", "dann"),
-        "model_dir": model_dir, "restore_model": resume, "overwrite": not resume})
+    trial.set_user_attr("mode", values["mode"])
+    return training.TrainConfig(**{**settings, **values, "model_dir": model_dir,
+                                   "restore_model": resume, "overwrite": not resume})
 
 
-def objective_function(settings, study_dir, objective, n_trials, verbose):
+def objective_function(settings, study_dir, objective, n_trials, verbose, methods):
     """The function Optuna maximises: trains a trial's run, scores it on val."""
     def run_trial(trial):
         started = study_trials(trial.study, (optuna.trial.TrialState.COMPLETE,
@@ -205,7 +215,7 @@ def objective_function(settings, study_dir, objective, n_trials, verbose):
             name = signal.Signals(training.SignalsRecorded.received).name
             raise training.TrainingStopped(f"{name} between two trials",
                                            128 + training.SignalsRecorded.received)
-        config = trial_config(trial, settings, study_dir)
+        config = trial_config(trial, settings, study_dir, methods)
         retry_of = trial.user_attrs.get("retry_of")
         logging.info("trial %d%s: %s %s into %s", trial.number,
                      "" if retry_of is None else f" (trial {retry_of} again, resumed)",
@@ -283,10 +293,12 @@ def write_outputs(study, study_dir, objective):
     write_atomically(os.path.join(study_dir, TRIALS_CSV), write)
     log_ranges = {name: tuple(space) if kind == "log_float" else None
                   for name, (kind, *space) in SEARCH_SPACE.items()}
-    plots.tuning_figure(rows, log_ranges, objective, os.path.join(study_dir, FIGURE))
+    chosen = choosing.choose(rows)[0]
+    plots.tuning_figure(rows, log_ranges, objective, os.path.join(study_dir, FIGURE),
+                        chosen)
     write_atomically(os.path.join(study_dir, CHOICE), lambda handle: handle.write(
         "\n".join(leaderboard(rows, objective)) + "\n"))
-    point_best_link(study_dir, choosing.choose(rows)[0])
+    point_best_link(study_dir, chosen)
     return rows
 
 
@@ -311,7 +323,8 @@ def check_settings(settings):
                             "leave it out, or take it out of the search space")
 
 
-def prepare_study(study_dir, storage, objective, sampler, sampler_seed):
+def prepare_study(study_dir, storage, objective, sampler, sampler_seed,
+                  methods=("dann",)):
     """The study, opened or created, with its sampler and its stopped trials
     enqueued again."""
     refuse_foreign_files(study_dir, "--study_dir", (
@@ -319,17 +332,17 @@ def prepare_study(study_dir, storage, objective, sampler, sampler_seed):
         f"{STUDY_DB}*", CHOICE, STUDY_LOCK, ".tmp-*"))
     os.makedirs(study_dir, exist_ok=True)
     with study_lock(study_dir):
-        study, created = open_study(storage_of(storage, study_dir), objective)
+        study, created = open_study(storage_of(storage, study_dir), objective, methods)
         # Processes that join a study draw apart: the same seed would propose the same
         # trials in each.
         study.sampler = sampler_of(sampler, sampler_seed if created else
-                                   sampler_seed + os.getpid())
+                                   sampler_seed + os.getpid(), methods)
         retry_stopped(study)
     return drawing_alone(study, study_dir)
 
 
 def run(settings, study_dir, trials=16, sampler="tpe", objective="snd", storage=None,
-        sampler_seed=0, verbose=2):
+        sampler_seed=0, verbose=2, methods="dann"):
     """Runs trials of the study in `study_dir` (or `storage`) until it holds `trials`
     finished ones, counting those other processes run; writes its outputs.
 
@@ -337,6 +350,7 @@ def run(settings, study_dir, trials=16, sampler="tpe", objective="snd", storage=
         settings: train.py's flags for every trial: `common_flags.TRIAL`'s,
             `train_dir` and `val_dir` (the split every trial is scored on).
         objective: one of OBJECTIVES, the label-free score maximised.
+        methods: the adapting modes searched, comma-separated (tune.py's --methods).
 
     Returns:
         The trial rows (dicts), as trials.csv holds them.
@@ -351,13 +365,15 @@ def run(settings, study_dir, trials=16, sampler="tpe", objective="snd", storage=
     # Optuna's own line per trial (and its warning for a surplus trial that another
     # process made unnecessary) give way to `after_trial`'s.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    study = prepare_study(study_dir, storage, objective, sampler, sampler_seed)
+    methods = tuple(methods.split(","))
+    study = prepare_study(study_dir, storage, objective, sampler, sampler_seed, methods)
     counted = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     try:
         if len(study_trials(study, counted)) < trials:
             with training.SignalsRecorded():
                 study.optimize(
-                    objective_function(settings, study_dir, objective, trials, verbose),
+                    objective_function(settings, study_dir, objective, trials, verbose,
+                                       methods),
                     callbacks=[optuna.study.MaxTrialsCallback(trials, states=counted),
                                lambda study, trial: after_trial(study, trial, study_dir,
                                                                 objective)],

@@ -30,7 +30,7 @@ def test_a_higher_snd_alone_does_not_beat_source_only():
     assert choosing.best_by(REAL_SHIFT, ("snd",))["trial"] == 3  # what snd alone did
     chosen, reason = choosing.choose(REAL_SHIFT)
     assert chosen["trial"] == 0
-    assert reason == "kept source-only (trial 0): no DANN trial beat it on target_entropy"
+    assert reason == "kept source-only (trial 0): no dann trial beat it on target_entropy"
 
 
 def test_trial_3_falls_short_on_target_entropy_even_with_source_only_s_accuracy():
@@ -47,7 +47,7 @@ def test_a_dann_trial_above_source_only_on_the_evidence_is_chosen():
     assert chosen["trial"] == 10
     assert reason == ("chose trial 10 (dann): above source-only (trial 0) on "
                       "target_entropy, val source accuracy 0.9800 against 0.9860; the "
-                      "only DANN trial that qualified")
+                      "only adapted trial that qualified")
 
 
 @pytest.mark.parametrize("source_accuracy, share, fragment", [
@@ -60,7 +60,7 @@ def test_margins_on_source_accuracy_and_class_share_rule_a_trial_out(
     dann = trial(1, "dann", 4.5, -0.2, source_accuracy, share=share)
     chosen, reason = choosing.choose([source_only, dann])
     assert chosen["trial"] == 0
-    assert reason.startswith("kept source-only (trial 0): no DANN trial beat it on "
+    assert reason.startswith("kept source-only (trial 0): no dann trial beat it on "
                              "target_entropy within the margins (trial 1: ")
     assert fragment in choosing.falls_short(dann, source_only, choosing.EVIDENCE,
                                             choosing.ACCURACY_MARGIN,
@@ -111,3 +111,15 @@ def test_when_every_trial_was_ruled_out_the_last_line_says_what_to_try():
     assert "--trials" in lines[-1]
     assert lines[-3:-1] == ["trial 0 ruled out: the loss became NaN",
                             "trial 1 ruled out: the loss became NaN"]
+
+
+def test_a_study_of_several_methods_says_which_and_may_choose_any():
+    rows = [trial(0, "source_only", 4.0, -0.5, 0.99), trial(1, "dann", 4.5, -0.6, 0.99),
+            dict(trial(2, "mcc", 4.4, -0.7, 0.99)), dict(trial(3, "cdan", 4.2, -0.8, 0.99))]
+    chosen, reason = choosing.choose(rows)
+    assert chosen["trial"] == 0
+    assert reason == ("kept source-only (trial 0): no cdan, dann or mcc trial beat it "
+                      "on target_entropy")
+    rows[2]["val_target_entropy"] = -0.3
+    chosen, reason = choosing.choose(rows)
+    assert chosen["trial"] == 2 and reason.startswith("chose trial 2 (mcc): above")

@@ -47,7 +47,8 @@ def test_class_confusion_of_uniform_predictions_is_all_off_diagonal():
 
 def test_class_confusion_by_hand_for_two_images_and_two_classes():
     temperature = 2.5
-    logits = np.array([[2.5 * math.log(3.0), 0.0], [0.0, 0.0]])  # p = (3/4, 1/4), (1/2, 1/2)
+    # Probabilities (3/4, 1/4) and (1/2, 1/2) at the temperature.
+    logits = np.array([[2.5 * math.log(3.0), 0.0], [0.0, 0.0]])
     p = np.array([[0.75, 0.25], [0.5, 0.5]])
     entropies = -(p * np.log(p)).sum(axis=1)
     weights = 1 + np.exp(-entropies)

@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 import data_utils
+import methods
 import models
 import networks
 
@@ -225,6 +226,7 @@ def test_flag_choices_are_the_models_modes_and_precisions():
     import common_flags
 
     assert common_flags.RUN["mode"].choices == models.MODES
+    assert common_flags.ADAPTING_MODES == methods.ADAPTING
     assert common_flags.RUN["precision"].choices == models.PRECISIONS
 
 

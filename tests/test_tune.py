@@ -200,3 +200,19 @@ def test_a_study_of_another_objective_is_refused(study, tune_data):
     result = run_script("tune.py", *tune_args(tune_data, study_dir, "--trials=3",
                                               "--objective=target_entropy"))
     assert_one_line_error(result, "scores --objective snd", "--objective snd")
+
+
+def test_a_study_searches_the_methods_it_is_given(tune_data, tmp_path):
+    study_dir = str(tmp_path / "methods")
+    result = run_script("tune.py", *tune_args(tune_data, study_dir, "--trials=4",
+                                              "--methods=mcc,coral"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_trials(study_dir)
+    assert [row["mode"] for row in rows[:2]] == ["source_only", "dann"]
+    assert {row["mode"] for row in rows[2:]} <= {"mcc", "coral"} and len(rows) == 4
+    for row in rows[2:]:
+        with open(os.path.join(row["run"], "flags.txt")) as handle:
+            assert f"--mode={row['mode']}" in handle.read().split()
+    result = run_script("tune.py", *tune_args(tune_data, study_dir, "--trials=5"))
+    assert_one_line_error(result, "has --methods mcc,coral, not dann",
+                          "pass --methods mcc,coral")
