@@ -204,7 +204,8 @@ TUNE = {
                       "sharing it and its two baselines (source-only and the default "
                       "DANN recipe) included.", "positive"),
     "sampler": Setting("tpe", "How trials are proposed: tpe (Optuna's TPE, seeded), "
-                       "random, or grid (tuning.GRID).", choices=("tpe", "random", "grid")),
+                       "random, or grid (common_flags.GRID).",
+                       choices=("tpe", "random", "grid")),
     "methods": Setting("dann", "The methods (--mode) the study searches, comma-separated: "
                        "dann, cdan, cdan_e, mcc, coral; with more than one, each trial "
                        "draws one. Source-only and the default DANN recipe are always "
@@ -212,9 +213,13 @@ TUNE = {
     "objective": Setting("snd", "The label-free score on --val_dir the study maximises; "
                          "source_accuracy for comparison.",
                          choices=("snd", "target_entropy", "source_accuracy")),
-    "storage": Setting(None, "Database URL Optuna accepts, for several processes or "
-                       "machines on one study (postgresql://..., mysql://...; default: "
-                       "sqlite:///STUDY_DIR/study.db)."),
+    "storage": Setting(None, "Where the study lives, for several processes or machines "
+                       "on one study. Default: sqlite:///STUDY_DIR/study.db, for ONE "
+                       "machine (file locks over network file systems are unreliable). "
+                       "Several machines: a database server, postgresql+psycopg://user:"
+                       "password@host/db (pip install -r requirements-postgresql.txt), "
+                       "or a journal file in a folder they share, "
+                       "journal:/shared/folder/journal.log (no server)."),
     "sampler_seed": Setting(0, "Seed of the sampler of the process that creates the "
                             "study; processes that join it add their process id, so "
                             "as not to propose the same trials (--seed stays the "

@@ -157,6 +157,7 @@ def fit_multi_worker(model, strategy, batches, batch_size, epochs, steps_per_epo
         callbacks, add_progbar=verbose != 0, model=model, verbose=verbose,
         epochs=epochs[1], steps=steps_per_epoch)
     callback_list.on_train_begin()
+    model.stop_training = False  # a callback may set it, as in `fit`
     for epoch in range(*epochs):
         model.reset_metrics()
         callback_list.on_epoch_begin(epoch)
@@ -166,4 +167,6 @@ def fit_multi_worker(model, strategy, batches, batch_size, epochs, steps_per_epo
             logs = {name: float(value) for name, value in model.training_logs().items()}
             callback_list.on_train_batch_end(first_step + per_call - 1, logs)
         callback_list.on_epoch_end(epoch, logs)
+        if model.stop_training:
+            break
     callback_list.on_train_end(logs)

@@ -2,9 +2,7 @@
 
 import dataclasses
 import functools
-import math
 import os
-import signal
 import tempfile
 import time
 
@@ -20,8 +18,11 @@ import monitor
 import networks
 import plots
 import run_folder
-from file_utils import DiskFull, UserError, save_atomically, write_atomically
+from file_utils import DiskFull, UserError, write_atomically
 from run_folder import checkpoint_path, latest_checkpoint
+# Callers catch these as training's: a run stops with them.
+from stopping import (SignalsRecorded, StopGuard, TrainingStopped,  # noqa: F401
+                      save_model_atomically)
 
 TrainConfig = common_flags.TrainConfig
 
@@ -32,11 +33,6 @@ def image_shape(config):
     default = networks.DEFAULT_IMAGE_SIZE[config.model]
     return (config.img_height or default, config.img_width or default,
             3 if config.img_mode == "rgb" else 1)
-
-
-def save_model_atomically(model, path):
-    """Saves a `.keras` file (weights, optimiser state, step) through a temporary name."""
-    save_atomically(path, model.save)
 
 
 class PeriodicCheckpoint(keras.callbacks.Callback):
@@ -117,101 +113,7 @@ def restore(config, total_steps):
     return model
 
 
-class TrainingStopped(Exception):
-    """Training stopped before its end; the message says where and what was kept."""
-
-    def __init__(self, message, exit_code):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-class SignalsRecorded:
-    """While active, SIGINT and SIGTERM are recorded (`received`) instead of raising
-    KeyboardInterrupt, which a finaliser running at that moment would swallow; a
-    `StopGuard` entered meanwhile stops at its first step on a recorded signal."""
-    active, received = False, None
-
-    def __enter__(self):
-        SignalsRecorded.active, SignalsRecorded.received = True, None
-        self.previous_handlers = {signum: signal.signal(signum, self.record)
-                                  for signum in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc_info):
-        SignalsRecorded.active, SignalsRecorded.received = False, None
-        for signum, handler in self.previous_handlers.items():
-            signal.signal(signum, handler)
-
-    @staticmethod
-    def record(signum, frame=None):
-        """A signal handler: records `signum` while a SignalsRecorded is active."""
-        del frame
-        if SignalsRecorded.active:
-            SignalsRecorded.received = signum
-
-
-class StopGuard(keras.callbacks.Callback):
-    """Stops cleanly on SIGINT/SIGTERM (saving a checkpoint first) or a non-finite loss.
-
-    The signal handlers only set a flag; the check runs between two steps, where the
-    model and optimiser are consistent, so the checkpoint resumes exactly. A signal
-    that comes at an epoch's last step stops at the epoch's end, after the callbacks
-    before this one (the history among them) have written that epoch.
-    """
-
-    def __init__(self, model_dir, steps_per_epoch):
-        super().__init__()
-        self.model_dir, self.steps_per_epoch = model_dir, steps_per_epoch
-        self.received, self.epoch, self.previous_handlers = None, 0, {}
-
-    def __enter__(self):
-        self.received = SignalsRecorded.received
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self.previous_handlers[signum] = signal.signal(signum, self._on_signal)
-        return self
-
-    def __exit__(self, *exc_info):
-        for signum, handler in self.previous_handlers.items():
-            signal.signal(signum, handler)
-
-    def _on_signal(self, signum, frame):
-        del frame
-        self.received = signum
-        SignalsRecorded.record(signum)
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch + 1
-
-    def on_train_batch_end(self, batch, logs=None):
-        step = int(self.model.optimizer.iterations.numpy())
-        loss = float((logs or {}).get("loss", 0.0))
-        if not math.isfinite(loss):
-            kept = self.model_dir and latest_checkpoint(self.model_dir) or "none yet"
-            raise TrainingStopped(
-                f"the loss became {loss} at epoch {self.epoch}, step {step}: training "
-                f"stopped; the last good checkpoint is {kept}. Try a lower --lr", 1)
-        if self.received is not None and step % self.steps_per_epoch:
-            self._stop(step)
-
-    def on_epoch_end(self, epoch, logs=None):
-        if self.received is not None:
-            self._stop(int(self.model.optimizer.iterations.numpy()))
-
-    def _stop(self, step):
-        name = signal.Signals(self.received).name
-        if self.model_dir is None:  # a worker that writes nothing
-            raise TrainingStopped(f"{name} at epoch {self.epoch}, step {step}: stopped; "
-                                  "the chief keeps the run's checkpoints",
-                                  128 + self.received)
-        path = checkpoint_path(self.model_dir, step)
-        if not os.path.exists(path):
-            save_model_atomically(self.model, path)
-        raise TrainingStopped(
-            f"{name} at epoch {self.epoch}, step {step}: saved {path}; continue "
-            f"with the same flags plus --restore_model", 128 + self.received)
-
-
-def run(config, verbose=1, flags_file_text=None, strategy=None):
+def run(config, verbose=1, flags_file_text=None, strategy=None, callbacks=()):
     """Trains one model as `config` says and writes its run folder.
 
     Args:
@@ -220,6 +122,9 @@ def run(config, verbose=1, flags_file_text=None, strategy=None):
         flags_file_text: the run's flags, saved as flags.txt when a run starts.
         strategy: a `tf.distribute` strategy to train under instead of the one
             --distribute chooses.
+        callbacks: Keras callbacks that see each epoch's logs once it is recorded
+            (the health signals included); one that sets `model.stop_training` ends
+            the run there, as a finished run of fewer epochs.
 
     Returns:
         The per-epoch history rows (dicts) of the whole run, resumed epochs included.
@@ -239,7 +144,8 @@ def run(config, verbose=1, flags_file_text=None, strategy=None):
     try:
         if not distribute.is_chief(strategy):
             return train_as_worker(config, strategy, run_started)
-        return train_as_chief(config, verbose, flags_file_text, strategy, run_started)
+        return train_as_chief(config, verbose, flags_file_text, strategy, run_started,
+                              callbacks)
     except distribute.LOST_WORKER_ERRORS as error:
         raise TrainingStopped(
             f"another worker stopped or cannot be reached ({type(error).__name__}): "
@@ -247,7 +153,8 @@ def run(config, verbose=1, flags_file_text=None, strategy=None):
             "--restore_model to continue from the chief's last checkpoint", 1) from None
 
 
-def train_as_chief(config, verbose, flags_file_text, strategy, run_started):
+def train_as_chief(config, verbose, flags_file_text, strategy, run_started,
+                   callbacks=()):
     """The run on one machine, or the chief of a multi-worker run: writes the folder."""
     run_folder.check(config.model_dir, config.restore_model, config.overwrite)
     build_default_data_if_missing(config.train_dir)
@@ -269,7 +176,8 @@ def train_as_chief(config, verbose, flags_file_text, strategy, run_started):
                 if flags_file_text and not config.restore_model:
                     write_atomically(os.path.join(config.model_dir, run_folder.FLAGS_FILE),
                                      lambda handle: handle.write(flags_file_text))
-                history = fit(model, config, data, steps, run_started, verbose, strategy)
+                history = fit(model, config, data, steps, run_started, verbose, strategy,
+                              extra_callbacks=callbacks)
             save_model_atomically(model, os.path.join(config.model_dir,
                                                       run_folder.FINAL_MODEL))
         except DiskFull as error:
@@ -324,8 +232,10 @@ def said_what_was_kept(error, model_dir):
                     "free some space and continue with --restore_model")
 
 
-def fit(model, config, data, steps, run_started, verbose, strategy, writes=True):
-    """Trains from the model's current step to the end of the run; returns the history.
+def fit(model, config, data, steps, run_started, verbose, strategy, writes=True,
+        extra_callbacks=()):
+    """Trains from the model's current step to the end of the run (or an epoch where
+    a callback stops it); returns the history.
 
     Without `writes` (a multi-worker run's other workers), nothing is written.
     """
@@ -342,7 +252,8 @@ def fit(model, config, data, steps, run_started, verbose, strategy, writes=True)
                                       config.num_epochs, config.mode),
                 PeriodicCheckpoint(config.model_dir, config.log_rate, config.num_epochs),
                 HistoryWriter(config.model_dir, history, run_started),
-                keras.callbacks.TensorBoard(os.path.join(config.model_dir, "logs"))]
+                keras.callbacks.TensorBoard(os.path.join(config.model_dir, "logs")),
+                *extra_callbacks]
         for epoch, epochs, epoch_steps in epoch_segments(done_steps, steps,
                                                          config.num_epochs):
             per_call = set_steps_per_execution(
@@ -363,6 +274,8 @@ def fit(model, config, data, steps, run_started, verbose, strategy, writes=True)
                 model.fit(distribute.for_keras_fit(batches, strategy), epochs=epochs,
                           steps_per_epoch=epoch_steps, initial_epoch=epoch,
                           callbacks=callbacks, verbose=verbose, shuffle=False)
+            if model.stop_training:
+                break
     return history
 
 

@@ -36,8 +36,9 @@ def main(argv):
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except (tuning.training.TrainingStopped, KeyboardInterrupt) as stop:
-        print(f"stopped: {stop or 'Ctrl-C'}; run the same command again to continue "
-              "(an unfinished trial resumes from its latest checkpoint)", file=sys.stderr)
+        print(f"stopped: {getattr(stop, 'where', 'Ctrl-C')}; run the same command again "
+              "to continue (an unfinished trial resumes from its latest checkpoint)",
+              file=sys.stderr)
         sys.exit(getattr(stop, "exit_code", 130))
     print("\n".join(tuning.leaderboard(rows, tune["objective"])))
     chosen = tuning.choosing.choose(rows)[0]
@@ -46,5 +47,18 @@ def main(argv):
         else "no best link: no trial was chosen"))
 
 
+def parse_flags(argv):
+    """common_flags.parse_or_exit, after refusing in words a flag tune.py searches
+    (absl would call it unknown)."""
+    for arg in argv[1:]:
+        name = arg.lstrip("-").split("=", 1)[0]
+        if arg.startswith("-") and name in (*common_flags.SEARCH_SPACE, "mode"):
+            print(f"error: --{name} is searched by tune.py ("
+                  + ("common_flags.SEARCH_SPACE" if name != "mode" else "--methods")
+                  + "): leave it out", file=sys.stderr)
+            sys.exit(2)
+    return common_flags.parse_or_exit(argv)
+
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=common_flags.parse_or_exit)
+    app.run(main, flags_parser=parse_flags)

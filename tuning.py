@@ -1,25 +1,24 @@
 """Choosing a recipe for an unlabelled target: a study of ordinary runs, each scored
 on a validation split without target labels. Optuna is the engine: its samplers
-propose the trials, its storage (SQLite, or a database several machines share) holds
-the study, so any number of processes can work on one study and a stopped study
+propose the trials, its storage (study_store.py) holds the study, so any number of
+processes, on one machine or several, can work on one study and a stopped study
 continues where it stopped.
 
 Every trial is a run folder (`study_dir/trial_0007/`) that train.py wrote and eval.py
 scored on the validation split with `--label_free`. The study always holds two
 baselines, enqueued when it is created: `--mode source_only` and DANN with the
-default recipe, scored the same way.
+default recipe, scored the same way. A trial the rules rule out (`ruled_out`,
+`ruled_out_early`) is pruned, after its last epoch or as soon as an epoch shows it.
 """
 
-import contextlib
 import csv
 import dataclasses
 import os
 import signal
 import time
-import warnings
 
+import keras
 import optuna
-import sqlalchemy
 from absl import logging
 
 import choosing
@@ -27,133 +26,29 @@ import common_flags
 import evaluation
 import plots
 import run_folder
+import study_store
 import training
-from file_utils import UserError, refuse_foreign_files, write_atomically
+from file_utils import UserError, write_atomically
 from monitor import COLLAPSE_SHARE
+from study_store import BEST_LINK, CHOICE, FIGURE, TRIALS_CSV
 
-SEARCH_SPACE, GRID = common_flags.SEARCH_SPACE, common_flags.GRID
-DEFAULT_RECIPE = {"lr": 0.01, "gamma": 10.0, "num_epochs": 20}
+SEARCH_SPACE = common_flags.SEARCH_SPACE
 OBJECTIVES = common_flags.TUNE["objective"].choices
 # A trial is ruled out (not ranked) when the source task was not learned or its
 # target predictions collapsed onto one class; a collapsed model is confident, so
 # entropy-like scores would rank it high.
 SOURCE_ACCURACY_FLOOR = 0.5
-HEARTBEAT_S, GRACE_S = 60, 180  # a trial whose process died is retried after this
-STUDY_NAME = "dann"
-TRIALS_CSV, FIGURE, BEST_LINK, STUDY_DB, CHOICE = (
-    "trials.csv", "trials.png", "best", "study.db", "choice.txt")
-STUDY_LOCK = ".study.lock"
+# The same rules after each epoch (on the --val_dir signals): from this epoch on, a
+# source accuracy below the floor stops a trial; in the run's second half, a collapse.
+EARLY_FROM_EPOCH = 3
+# The per-epoch signal (history.csv) each objective is reported to Optuna as.
+EPOCH_SIGNALS = {"snd": "monitor_snd", "target_entropy": "monitor_target_entropy",
+                 "source_accuracy": "val_source_accuracy"}
+WAIT_S = 10  # between two looks at other processes' running trials
 
 
 class NotNeeded(Exception):
     """Other processes have already started every trial the study asks for."""
-
-
-def storage_of(url, study_dir, attempts=5):
-    """The Optuna storage of `url` (default: SQLite in `study_dir`), with heartbeats
-    so that a trial whose process died is found and retried.
-
-    Processes that start together race to create the database's tables; the loser
-    tries again.
-    """
-    url = url or f"sqlite:///{os.path.abspath(os.path.join(study_dir, STUDY_DB))}"
-    for attempt in range(attempts):
-        try:
-            with warnings.catch_warnings():  # heartbeats: "experimental" in Optuna 5
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S,
-                                                  grace_period=GRACE_S)
-        except Exception as error:  # SQLAlchemy's many types for a bad URL or server
-            racing = isinstance(error, (sqlalchemy.exc.IntegrityError,
-                                        sqlalchemy.exc.OperationalError))
-            if racing and attempt + 1 < attempts:
-                time.sleep(1)
-                continue
-            raise UserError(
-                f"--storage {url}: cannot open it ({type(error).__name__}: "
-                f"{str(error).splitlines()[0][:200]}): pass a database URL Optuna "
-                "accepts, such as sqlite:///study.db or "
-                "postgresql://user:password@host/db") from None
-
-
-def sampler_of(name, seed, methods=("dann",)):
-    """The Optuna sampler --sampler names, seeded; a grid holds every method."""
-    if name == "grid":
-        grid = {key: list(values) for key, values in GRID.items()}
-        if len(methods) > 1:
-            grid["mode"] = list(methods)
-        return optuna.samplers.GridSampler(grid, seed=seed)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed)
-
-
-def open_study(storage, objective, methods=("dann",)):
-    """Loads the study, or creates it with its two baselines enqueued first (only the
-    process that creates it enqueues them); refuses a study of another objective or
-    other methods. Returns the study and whether this process created it."""
-    settings = {"objective": objective, "methods": ",".join(methods)}
-    try:
-        study = optuna.load_study(study_name=STUDY_NAME, storage=storage)
-    except KeyError:  # no such study yet
-        try:
-            study = optuna.create_study(storage=storage, study_name=STUDY_NAME,
-                                        direction="maximize")
-        except optuna.exceptions.DuplicatedStudyError:  # another process was first
-            return open_study(storage, objective, methods)
-        for name, value in settings.items():
-            study.set_user_attr(name, value)
-        for mode in ("source_only", "dann"):
-            study.enqueue_trial(DEFAULT_RECIPE, user_attrs={"mode": mode})
-        return study, True
-    for name, value in settings.items():
-        recorded = study.user_attrs.get(name, "dann" if name == "methods" else value)
-        if recorded != value:
-            raise UserError(f"the study in this storage has --{name} {recorded}, not "
-                            f"{value}: pass --{name} {recorded}, or another "
-                            "--study_dir or --storage for a new study")
-    return study, False
-
-
-@contextlib.contextmanager
-def study_lock(study_dir):
-    """One process of this machine at a time in the block. SQLite has no row locks:
-    two processes drawing a trial at the same moment could both draw the same queued
-    one, or both queue the same retry. (Across machines, PostgreSQL's or MySQL's row
-    locks do this.)"""
-    with open(os.path.join(study_dir, STUDY_LOCK), "a") as handle:
-        if run_folder.fcntl:
-            run_folder.fcntl.flock(handle, run_folder.fcntl.LOCK_EX)
-        yield  # closing the file releases the lock
-
-
-def drawing_alone(study, study_dir):
-    """`study`, whose `ask` (through which `study.optimize` draws every trial) now
-    holds the study lock."""
-    ask = study.ask
-
-    def ask_alone(*args, **kwargs):
-        with study_lock(study_dir):
-            return ask(*args, **kwargs)
-
-    study.ask = ask_alone
-    return study
-
-
-def retry_stopped(study):
-    """Enqueues, once, a trial that stopped unfinished (Ctrl-C, a crash): the same
-    recipe into the same run folder, which resumes from its latest checkpoint."""
-    with warnings.catch_warnings():  # "experimental" since Optuna 2.9
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
-    trials = study.get_trials(deepcopy=False)
-    retried = {trial.user_attrs.get("retry_of") for trial in trials}
-    for trial in trials:
-        if (trial.state == optuna.trial.TrialState.FAIL and "model_dir" in
-                trial.user_attrs and trial.number not in retried):
-            study.enqueue_trial(trial.params, user_attrs={
-                "mode": trial.user_attrs.get("mode", "dann"), "retry_of": trial.number,
-                "model_dir": trial.user_attrs["model_dir"]})
 
 
 def suggest(trial, methods=("dann",)):
@@ -188,6 +83,39 @@ def ruled_out(scores):
     return None
 
 
+def ruled_out_early(row, num_epochs):
+    """Why the history row of an epoch already rules a trial out (the rules of
+    `ruled_out` on the epoch's val signals, from EARLY_FROM_EPOCH; a collapse in the
+    second half of the run), or None."""
+    epoch, when = row["epoch"], f" (at epoch {row['epoch']} of {num_epochs})"
+    accuracy = row.get("val_source_accuracy", 1.0)
+    share = row.get("monitor_top_class_share", 0.0)
+    if epoch >= EARLY_FROM_EPOCH and accuracy < SOURCE_ACCURACY_FLOOR:
+        return ruled_out({"source_accuracy": accuracy, "target_top_share": 0.0}) + when
+    if epoch > num_epochs / 2 and share >= COLLAPSE_SHARE:
+        return ruled_out({"source_accuracy": 1.0, "target_top_share": share}) + when
+    return None
+
+
+class RulesEveryEpoch(keras.callbacks.Callback):
+    """Reports each epoch's val signal of the objective to Optuna, and stops the
+    trial at the first epoch `ruled_out_early` rules it out (`reason`)."""
+
+    def __init__(self, trial, objective, num_epochs):
+        super().__init__()
+        self.trial, self.signal, self.num_epochs = (trial, EPOCH_SIGNALS[objective],
+                                                    num_epochs)
+        self.reason = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        row = {"epoch": epoch + 1, **(logs or {})}
+        if self.signal in row:
+            self.trial.report(float(row[self.signal]), epoch + 1)
+        self.reason = ruled_out_early(row, self.num_epochs)
+        if self.reason:
+            self.model.stop_training = True
+
+
 def trial_config(trial, settings, study_dir, methods=("dann",)):
     """The `TrainConfig` of one trial: `settings` (train.py's flags that pass
     through), its searched flags and mode, its own run folder (a retried trial's, to
@@ -216,19 +144,21 @@ def objective_function(settings, study_dir, objective, n_trials, verbose, method
             raise training.TrainingStopped(f"{name} between two trials",
                                            128 + training.SignalsRecorded.received)
         config = trial_config(trial, settings, study_dir, methods)
-        retry_of = trial.user_attrs.get("retry_of")
-        logging.info("trial %d%s: %s %s into %s", trial.number,
-                     "" if retry_of is None else f" (trial {retry_of} again, resumed)",
-                     config.mode, {name: getattr(config, name) for name in SEARCH_SPACE},
+        logging.info("trial %d%s: %s %s into %s", number_of(trial),
+                     " resumes" if config.restore_model else "", config.mode,
+                     {name: getattr(config, name) for name in SEARCH_SPACE},
                      config.model_dir)
+        rules = RulesEveryEpoch(trial, objective, config.num_epochs)
         try:
             training.run(config, verbose, common_flags.flags_text_of(
-                dataclasses.asdict(config), common_flags.TRAIN))
+                dataclasses.asdict(config), common_flags.TRAIN), callbacks=[rules])
         except training.TrainingStopped as stop:
             if stop.exit_code != 1:  # a signal: the study stops, the trial resumes
                 raise
-            trial.set_user_attr("ruled_out", str(stop))  # the loss became NaN
-            raise optuna.TrialPruned(str(stop)) from None
+            rules.reason = str(stop)  # the loss became NaN
+        if rules.reason:
+            trial.set_user_attr("ruled_out", rules.reason)
+            raise optuna.TrialPruned(rules.reason)
         report = evaluation.run(config.model_dir, config.val_dir, label_free=True)
         # Not a score (higher is not better): the rules read it beside the scores.
         scores = {**report["label_free_scores"], "target_top_share": top_share(
@@ -246,22 +176,34 @@ def study_trials(study, states):
     return study.get_trials(deepcopy=False, states=states)
 
 
+def number_of(trial):
+    """A trial's number as users see it: its run folder's (a stopped trial that
+    resumed keeps its folder and number)."""
+    folder = os.path.basename(trial.user_attrs.get("model_dir", ""))
+    return int(folder[len("trial_"):]) if folder.startswith("trial_") else trial.number
+
+
 def trial_rows(study, objective):
-    """One dict per trial, for trials.csv and the leaderboard."""
+    """One dict per trial (per run folder: a stopped trial that resumed is one row),
+    for trials.csv and the leaderboard, in the order of their numbers."""
+    trials = study.get_trials(deepcopy=False)
+    resumed = {trial.user_attrs.get("retry_of") for trial in trials}
     rows = []
-    for trial in study.get_trials(deepcopy=False):
-        if "model_dir" not in trial.user_attrs:
-            continue  # not started: waiting, or not needed
+    for trial in trials:
+        if "model_dir" not in trial.user_attrs or trial.number in resumed:
+            continue  # not started (waiting, or not needed), or continued by another
+        stopped = trial.state == optuna.trial.TrialState.FAIL
         scores = trial.user_attrs.get("scores", {})
         rows.append({
-            "trial": trial.number, "state": trial.state.name.lower(),
-            "mode": trial.user_attrs.get("mode", "dann"), **trial.params,
+            "trial": number_of(trial), "state": "stopped" if stopped else
+            trial.state.name.lower(), "mode": trial.user_attrs.get("mode", "dann"),
+            **{name: value for name, value in trial.params.items() if name != "mode"},
             "score": trial.value, **{f"val_{name}": value for name, value
                                      in scores.items()},
             "seconds": (trial.duration.total_seconds() if trial.duration else None),
             "ruled_out": trial.user_attrs.get("ruled_out", ""),
             "run": trial.user_attrs.get("model_dir", "")})
-    return rows
+    return sorted(rows, key=lambda row: row["trial"])
 
 
 def point_best_link(study_dir, row):
@@ -307,8 +249,25 @@ def after_trial(study, trial, study_dir, objective):
     if "model_dir" in trial.user_attrs:
         ended = (f"{objective} {trial.value:.4f}" if trial.value is not None else
                  trial.user_attrs.get("ruled_out", trial.state.name.lower()))
-        logging.info("trial %d ended: %s", trial.number, ended)
+        logging.info("trial %d ended: %s", number_of(trial), ended)
     write_outputs(study, study_dir, objective)
+
+
+def wait_for_others(study):
+    """Waits while other processes run trials of the study, so that the outputs
+    written last hold their results; a process that died is noticed by its missed
+    heartbeats (a database storage). Ctrl-C stops waiting."""
+    told = False
+    while True:
+        study_store.fail_stale_trials(study)
+        running = study_trials(study, (optuna.trial.TrialState.RUNNING,))
+        if not running or training.SignalsRecorded.received:
+            return
+        if not told:
+            logging.info("waiting for trial(s) %s, run by other processes",
+                         ", ".join(str(number_of(trial)) for trial in running))
+            told = True
+        time.sleep(WAIT_S)
 
 
 def check_settings(settings):
@@ -316,29 +275,11 @@ def check_settings(settings):
     if not settings.get("val_dir"):
         raise UserError("--val_dir is needed: every trial is scored on it, without "
                         "target labels")
-    for name in SEARCH_SPACE:
-        default = common_flags.TRAIN[name].default
-        if settings.get(name, default) != default:
-            raise UserError(f"--{name} is searched by tune.py (common_flags.SEARCH_SPACE): "
-                            "leave it out, or take it out of the search space")
-
-
-def prepare_study(study_dir, storage, objective, sampler, sampler_seed,
-                  methods=("dann",)):
-    """The study, opened or created, with its sampler and its stopped trials
-    enqueued again."""
-    refuse_foreign_files(study_dir, "--study_dir", (
-        "trial_[0-9][0-9][0-9][0-9]", TRIALS_CSV, FIGURE, BEST_LINK, f"{BEST_LINK}.tmp-*",
-        f"{STUDY_DB}*", CHOICE, STUDY_LOCK, ".tmp-*"))
-    os.makedirs(study_dir, exist_ok=True)
-    with study_lock(study_dir):
-        study, created = open_study(storage_of(storage, study_dir), objective, methods)
-        # Processes that join a study draw apart: the same seed would propose the same
-        # trials in each.
-        study.sampler = sampler_of(sampler, sampler_seed if created else
-                                   sampler_seed + os.getpid(), methods)
-        retry_stopped(study)
-    return drawing_alone(study, study_dir)
+    for name in (*SEARCH_SPACE, "mode"):
+        if name in settings:
+            raise UserError(f"--{name} is searched by tune.py (common_flags.SEARCH_SPACE"
+                            f"{'' if name in SEARCH_SPACE else '; --methods'}): leave it "
+                            "out, or take it out of the search space")
 
 
 def run(settings, study_dir, trials=16, sampler="tpe", objective="snd", storage=None,
@@ -366,11 +307,12 @@ def run(settings, study_dir, trials=16, sampler="tpe", objective="snd", storage=
     # process made unnecessary) give way to `after_trial`'s.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     methods = tuple(methods.split(","))
-    study = prepare_study(study_dir, storage, objective, sampler, sampler_seed, methods)
+    study = study_store.prepare_study(study_dir, storage, objective, sampler,
+                                      sampler_seed, methods)
     counted = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     try:
-        if len(study_trials(study, counted)) < trials:
-            with training.SignalsRecorded():
+        with training.SignalsRecorded():
+            if len(study_trials(study, counted)) < trials:
                 study.optimize(
                     objective_function(settings, study_dir, objective, trials, verbose,
                                        methods),
@@ -378,6 +320,7 @@ def run(settings, study_dir, trials=16, sampler="tpe", objective="snd", storage=
                                lambda study, trial: after_trial(study, trial, study_dir,
                                                                 objective)],
                     catch=(NotNeeded,))
+            wait_for_others(study)
     finally:
         rows = write_outputs(study, study_dir, objective)
     return rows
