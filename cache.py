@@ -191,6 +191,22 @@ def load_split(split_dir, config, shape, disk_dir, class_names=None, mode=None):
                                   disk_dir) for domain in folders.DOMAINS))
 
 
+def check_layouts(config):
+    """Refuses, from the folders' listings alone, a training or validation split
+    this run cannot use: a wrong layout, or --mode target_only with a target that has
+    no labels. Prints what the splits hold."""
+    train = folders.scan_split(config.train_dir)
+    if config.mode == "target_only" and not train.target.labelled:
+        raise UserError(
+            f"--mode target_only trains on target labels, but {config.train_dir}/target "
+            "has none (no class folders): use --mode dann or source_only, or put the "
+            "target images in target/<class_name>/")
+    splits = [train] + ([folders.scan_split(config.val_dir, train.class_names)]
+                        if config.val_dir else [])
+    for split in splits:
+        print(folders.describe(split), flush=True)
+
+
 def load_data(config, shape, disk_dir, monitor_images):
     """The training data of a `TrainConfig`, of `shape` images (`disk` cache in
     `disk_dir`): its training split, and the images the monitor predicts, those of
@@ -200,12 +216,8 @@ def load_data(config, shape, disk_dir, monitor_images):
         UserError: as `folders.scan_split`, or --mode target_only with a target
             that has no labels.
     """
+    check_layouts(config)  # before any image is decoded
     data = TrainingData(*load_split(config.train_dir, config, shape, disk_dir))
-    if config.mode == "target_only" and not data.train.target.labelled:
-        raise UserError(
-            f"--mode target_only trains on target labels, but {config.train_dir}/target "
-            "has none (no class folders): use --mode dann or source_only, or put the "
-            "target images in target/<class_name>/")
     # Decoded once into memory where the training images are, else every epoch.
     mode = "memory" if data.source.mode == "memory" else "none"
     if config.val_dir:

@@ -8,10 +8,10 @@ import contextlib
 import os
 
 import tensorflow as tf
-from absl import logging
 
+import file_utils
 import folders
-from file_utils import UserError
+from file_utils import UserError, plural
 
 DECODE_BATCH = 256
 
@@ -113,19 +113,26 @@ def without_unreadable(split, channels):
 
 
 def log_skipped(where, skipped):
-    """Logs how many unreadable images of `where` were left out, and which."""
-    logging.info("%s: skipped %d unreadable images%s", where, len(skipped),
-                 "".join(f"\n  {path}" for path in skipped))
+    """Tells how many unreadable images of `where` were left out, and which."""
+    if skipped:
+        file_utils.tell("note", f"{where}: left out "
+                        f"{plural(len(skipped), 'unreadable image')}"
+                        + "".join(f"\n  {path}" for path in skipped))
+
+
+def tell_ignored(where, count):
+    """Tells how many files of `where` were not images, so were not read."""
+    file_utils.tell("note", f"{where}: ignored {plural(count, 'file')} that "
+                    f"{'is not an image' if count == 1 else 'are not images'}")
 
 
 def scan_and_log(split_dir, class_names, skip_bad_images, channels,
                  required=folders.DOMAINS):
-    """`folders.scan_split`, logging ignored files, and with `skip_bad_images` the split
+    """`folders.scan_split`, telling of ignored files, and with `skip_bad_images` the split
     without its unreadable images; returns (SplitFiles, number of images skipped)."""
     split = folders.scan_split(split_dir, class_names, required)
     if split.ignored_files:
-        logging.info("%s: ignored %d files that are not images", split_dir,
-                     split.ignored_files)
+        tell_ignored(split_dir, split.ignored_files)
     if not skip_bad_images:
         return split, 0
     split, skipped = without_unreadable(split, channels)

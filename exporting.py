@@ -24,10 +24,26 @@ CLASS_NAMES_FILE = "class_names.txt"
 SIGNATURE = "serving_default"
 
 
+def with_channels(images, channels):
+    """uint8 images of 1, 3 or 4 channels as the model's `channels`: grey repeated to
+    RGB, RGB(A) made grey (tf.image.rgb_to_grayscale's weights), alpha dropped."""
+    images = images[..., :3]
+    grey = tf.equal(tf.shape(images)[-1], 1)
+    if channels == 3:
+        matched = tf.cond(grey, lambda: tf.repeat(images[..., :1], 3, axis=-1),
+                          lambda: images)
+    else:
+        matched = tf.cond(grey, lambda: images, lambda: tf.cast(tf.round(
+            tf.image.rgb_to_grayscale(tf.cast(images, tf.float32))), tf.uint8))
+    matched.set_shape((None, None, None, channels))  # the graph's shape: no op
+    return matched
+
+
 def serving_function(model):
-    """images (uint8, [batch, height, width, channels]) -> `probabilities` (one
-    column per class), `class_index` (int32) and `target_domain_probability`."""
+    """images (uint8, [batch, height, width, 1, 3 or 4 channels]) -> `probabilities`
+    (one column per class), `class_index` (int32) and `target_domain_probability`."""
     def serve(images):
+        images = with_channels(images, model.image_shape[2])
         outputs = model(images, training=False)
         probabilities = tf.nn.softmax(outputs["class_logits"])
         return {"probabilities": probabilities,
@@ -40,8 +56,7 @@ def write_saved_model(model, path):
     """The SavedModel, whose `serve` function is also its `serving_default`."""
     archive = keras.export.ExportArchive()
     archive.track(model)
-    spec = tf.TensorSpec((None, None, None, model.image_shape[2]), tf.uint8,
-                         name="images")
+    spec = tf.TensorSpec((None, None, None, None), tf.uint8, name="images")
     archive.add_endpoint("serve", serving_function(model), input_signature=[spec])
     archive.write_out(path, verbose=False)
 

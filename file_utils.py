@@ -48,6 +48,17 @@ def refuse_foreign_files(folder, flag, own):
                         f"({shown}): pass a new or empty folder")
 
 
+def tell(kind, message):
+    """Prints a message for the user as a plain line on stderr: "warning: ..." or
+    "note: ..." (absl's log lines are for what is a log)."""
+    print(f"{kind}: {message}", file=sys.stderr, flush=True)
+
+
+def plural(count, noun, nouns=None):
+    """"1 file", "3 files": `count` and the noun in its number."""
+    return f"{count:,} {noun if count == 1 else nouns or noun + 's'}"
+
+
 def save_atomically(path, save):
     """Calls `save(temporary_path)` for a temporary file next to `path`, then renames it.
 

@@ -216,3 +216,18 @@ def sample_files(files, count, seed=0):
     chosen = np.sort(np.random.default_rng(seed).permutation(len(files))[:count])
     return DomainFiles([files.paths[i] for i in chosen],
                        [files.labels[i] for i in chosen], files.labelled)
+
+
+def describe(split):
+    """One line on what a scanned split holds: its classes, its images per domain,
+    and whether its target has labels."""
+    names = split.class_names
+    shown = ", ".join(names if len(names) <= 6 else [*names[:3], "...", *names[-2:]])
+    parts = [f"{len(names)} classes ({shown})"]
+    if split.source is not None:
+        parts.append(f"source {len(split.source):,} labelled images")
+    if split.target is not None:
+        parts.append(f"target {len(split.target):,} images " + (
+            "with labels (target/<class>/)" if split.target.labelled else
+            "without labels (no class folders under target/)"))
+    return f"{split.root}: " + "; ".join(parts)

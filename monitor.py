@@ -19,9 +19,9 @@ plain-worded warnings of the known failures.
 import keras
 import numpy as np
 import tensorflow as tf
-from absl import logging
 from scipy import special
 
+import file_utils
 import folders
 import label_free
 import methods
@@ -32,6 +32,9 @@ SCORED_IMAGES = 2000  # at most, of the target images entropy and SND are comput
 # apart sits near 0.9 from its second epoch on.
 DOMAIN_ALARM = 0.8
 COLLAPSE_SHARE = 0.9
+# A collapse is confident as well as one-class: the mean entropy of the target
+# predictions is below this share of a uniform prediction's (ln of the classes).
+COLLAPSE_ENTROPY = 0.5
 WARNING_NAMES = {"domain": "the features are not being aligned",
                  "collapse": "the target predictions collapsed"}
 README_SECTION = "see the README's 'Watching a run without target labels'"
@@ -84,7 +87,15 @@ def signals(source, target, labels=None):
     return logs
 
 
-def health_warnings(rows, num_epochs, mode):
+def collapsed(row, num_classes):
+    """Whether a history row shows collapsed target predictions: COLLAPSE_SHARE of
+    them given one class, confidently (COLLAPSE_ENTROPY)."""
+    entropy = -row.get("monitor_target_entropy", 0.0)
+    return (row.get("monitor_top_class_share", 0) >= COLLAPSE_SHARE
+            and entropy <= COLLAPSE_ENTROPY * np.log(num_classes))
+
+
+def health_warnings(rows, num_epochs, mode, num_classes):
     """{kind: message} of the known failures the history `rows` show so far."""
     found = {}
     high = [row["epoch"] for row in rows
@@ -97,13 +108,13 @@ def health_warnings(rows, num_epochs, mode):
             "better than --mode source_only; try a larger --gamma or --lr, more "
             f"target images or more epochs ({README_SECTION})")
     late = [row for row in rows if row["epoch"] > num_epochs / 2
-            and row.get("monitor_top_class_share", 0) >= COLLAPSE_SHARE]
+            and collapsed(row, num_classes)]
     if late:
         found["collapse"] = (
             f"at epoch {late[0]['epoch']}, {late[0]['monitor_top_class_share']:.0%} of "
-            "the monitored target images were given one class: the target predictions "
-            "have collapsed (unless the target really is nearly all that class); try a "
-            f"lower --lr or --gamma ({README_SECTION})")
+            "the monitored target images were given one class, confidently: the target "
+            "predictions have collapsed (unless the target really is nearly all that "
+            f"class); try a lower --lr or --gamma ({README_SECTION})")
     return found
 
 
@@ -137,7 +148,8 @@ class HealthMonitor(keras.callbacks.Callback):
                       if images.files.labelled}
         logs.update(signals(source, target, labels))
         rows = self.history + [{"epoch": epoch + 1, **logs}]
-        for kind, message in health_warnings(rows, self.num_epochs, self.mode).items():
+        for kind, message in health_warnings(rows, self.num_epochs, self.mode,
+                                             self.model.num_classes).items():
             if kind not in self.warned:
                 self.warned.add(kind)
-                logging.warning("Warning: %s", message)
+                file_utils.tell("warning", message)

@@ -22,9 +22,10 @@ import folders  # noqa: E402
 from file_utils import UserError, save_atomically  # noqa: E402
 
 CURVE_PANELS = (
-    ("losses", ("label_loss", "domain_loss")),
+    ("losses", ("label_loss", "domain_loss", "adaptation_loss")),
+    # val_domain_accuracy is monitor_domain_accuracy's figure on val: drawn there once.
     ("accuracy", ("label_accuracy", "domain_accuracy", "val_source_accuracy",
-                  "val_target_accuracy", "val_domain_accuracy")),
+                  "val_target_accuracy")),
     ("target health (no labels read)", ("monitor_domain_accuracy",
                                         "monitor_top_class_share")),
     ("label-free scores (higher: better)", ("monitor_target_entropy",)),
@@ -76,8 +77,11 @@ def training_curves(history, path):
         if legend_axis is not axis:
             more_handles, more_labels = legend_axis.get_legend_handles_labels()
             handles, labels = handles + more_handles, labels + more_labels
-        if handles:
-            legend_axis.legend(handles, labels, fontsize=8)
+        if handles:  # below the panel, where it hides no point
+            legend_axis.legend(handles, labels, fontsize=8, loc="upper center",
+                               bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+        for shown in {axis, legend_axis}:  # values as they are, no offset label
+            shown.yaxis.get_major_formatter().set_useOffset(False)
         axis.set_title(title, fontsize=10)
         axis.set_xlabel("epoch")
         if len(keys) == 1:

@@ -9,7 +9,6 @@ import os
 import time
 
 import numpy as np
-from absl import logging
 from scipy import special
 
 import data_utils
@@ -51,7 +50,7 @@ def images_to_predict(inputs, channels, skip_bad_images):
     with `skip_bad_images`, without the files that cannot be decoded (logged)."""
     files, ignored = folders.list_images(inputs)
     if ignored:
-        logging.info("ignored %d files that are not images", ignored)
+        data_utils.tell_ignored("--input", ignored)
     if skip_bad_images:
         files, skipped = data_utils.readable_only(files, channels, "--input")
         data_utils.log_skipped("--input", skipped)

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import sys
+import zipfile
 
 from file_utils import UserError, write_atomically
 
@@ -243,3 +244,10 @@ def owned(model_dir):
         handle.close()
         if created and not os.listdir(model_dir):
             os.rmdir(model_dir)
+
+
+def saved_config(path):
+    """The configuration a `.keras` file was saved with ({"num_classes": ...,
+    "class_names": ..., "mode": ...}), read without loading the model."""
+    with zipfile.ZipFile(path) as archive:
+        return json.loads(archive.read("config.json"))["config"]

@@ -43,15 +43,28 @@ def main(argv):
         print(f"Trained {config.mode} for {config.num_epochs} epochs as a worker; the "
               f"chief wrote the run into {config.model_dir}")
         return
-    summary = ", ".join(f"{key} {value:.4f}" for key, value in
-                        sorted(history[-1].items()) if key != "epoch")
-    print(f"Trained {config.mode} for {config.num_epochs} epochs into "
-          f"{config.model_dir}: {summary}")
-    warnings = training.monitor.health_warnings(history, config.num_epochs, config.mode)
+    print(f"Trained {config.mode} for {file_utils.plural(len(history), 'epoch')} into "
+          f"{config.model_dir}: {summary_of(history[-1])}")
+    num_classes = training.run_folder.saved_config(
+        os.path.join(config.model_dir, training.run_folder.FINAL_MODEL))["num_classes"]
+    warnings = training.monitor.health_warnings(history, config.num_epochs, config.mode,
+                                                num_classes)
     if warnings:
         names = ", ".join(training.monitor.WARNING_NAMES[kind] for kind in warnings)
         print(f"{len(warnings)} warning{'s' if len(warnings) > 1 else ''} above ({names}): "
               f"{training.monitor.README_SECTION}")
+
+
+def summary_of(row):
+    """The last epoch's figures in words: steps as a count, times in seconds."""
+    def shown(key, value):
+        if key == "steps":
+            return f"{int(value)} steps"
+        if key.endswith("seconds"):
+            return f"{key} {value:.1f} s"
+        return f"{key} {value:.4f}"
+    return ", ".join(shown(key, value) for key, value in sorted(row.items())
+                     if key != "epoch")
 
 
 if __name__ == "__main__":

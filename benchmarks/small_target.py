@@ -29,6 +29,7 @@ import run_folder  # noqa: E402
 
 FLAGS = flags.FLAGS
 MODES = ("source_only", "dann")
+NUM_CLASSES = 10  # digits
 
 
 def link_small_split(data_dir, split_dir, num_source, num_target, seed=0):
@@ -66,11 +67,12 @@ def train_and_watch(split_dir, model_dir, mode, seed, num_epochs):
     with open(os.path.join(model_dir, run_folder.HISTORY_JSON)) as handle:
         history = json.load(handle)
     with open(f"{model_dir}.log") as handle:
-        warnings = [line.split("Warning: ", 1)[1].strip() for line in handle
-                    if "Warning: " in line]
+        warnings = [line.split("warning: ", 1)[1].strip() for line in handle
+                    if line.startswith("warning: ")]
     keys = ("monitor_domain_accuracy", "monitor_top_class_share", "domain_accuracy")
     return {"warnings": warnings,
-            "warned": sorted(monitor.health_warnings(history, num_epochs, mode)),
+            "warned": sorted(monitor.health_warnings(history, num_epochs, mode,
+                                                     NUM_CLASSES)),
             **{f"{key}_per_epoch": [round(row[key], 4) for row in history]
                for key in keys}}
 

@@ -98,7 +98,7 @@ def test_corrupt_image_is_named_and_can_be_skipped(tiny_data, tmp_path):
                         f"--model_dir={tmp_path}/run2", "--num_epochs=1",
                         "--batch_size=16", "--skip_bad_images")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "skipped 1 unreadable images" in result.stderr
+    assert "left out 1 unreadable image\n" in result.stderr
 
 
 def test_stray_files_are_ignored_and_mixed_sizes_resized(tiny_data, tmp_path):
@@ -111,14 +111,14 @@ def test_stray_files_are_ignored_and_mixed_sizes_resized(tiny_data, tmp_path):
                         f"--model_dir={tmp_path}/run", "--num_epochs=1",
                         "--batch_size=16")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "ignored 2 files that are not images" in result.stderr
+    assert ": ignored 2 files that are not images" in result.stderr
     # eval.py says as much about the split it evaluates.
     shutil.rmtree(os.path.join(root, "test"))
     shutil.copytree(os.path.join(root, "train"), os.path.join(root, "test"))
     result = run_script("eval.py", f"--model_dir={tmp_path}/run",
                         f"--test_dir={root}/test")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "ignored 2 files that are not images" in result.stderr
+    assert ": ignored 2 files that are not images" in result.stderr
 
 
 def test_an_existing_run_is_refused_before_the_default_data_is_built(existing_run):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import assert_one_line_error, run_script, snapshot
+from conftest import REPO, assert_one_line_error, run_script, snapshot
 
 pytestmark = pytest.mark.slow  # processes: the fast tier leaves them to CI
 
@@ -175,16 +175,18 @@ def test_a_bad_image_is_named_or_skipped_and_no_csv_is_half_written(cropped_run,
         handle.truncate(60)
     (tmp_path / "images" / "notes.txt").write_text("not an image")
     output = str(tmp_path / "labels.csv")
+    earlier = "path,predicted_class,probability\nkept\n"  # an earlier prediction's CSV
     with open(output, "w") as handle:
-        handle.write("kept\n")
+        handle.write(earlier)
     args = [f"--model_dir={cropped_run}", f"--input={images}", f"--output={output}"]
     result = run_script("predict.py", *args)
     assert_one_line_error(result, bad, "--skip_bad_images")
-    assert open(output).read() == "kept\n"
+    assert open(output).read() == earlier
     result = run_script("predict.py", *args, "--skip_bad_images")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "skipped 1 unreadable images" in result.stderr and bad in result.stderr
-    assert "ignored 1 files that are not images" in result.stderr
+    assert "note: --input: left out 1 unreadable image\n" in result.stderr
+    assert bad in result.stderr
+    assert "note: --input: ignored 1 file that is not an image" in result.stderr
     rows = read_csv(output)
     assert len(rows) == 23 and bad not in [row["path"] for row in rows]
 
@@ -253,3 +255,73 @@ def test_an_earlier_export_and_predictions_are_replaced(cropped_run, tiny_data,
             assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(os.listdir(tmp_path / "export")) == ["class_names.txt",
                                                        "model.tflite", "saved_model"]
+
+
+LITERT = """
+import json, sys
+import numpy as np
+from ai_edge_litert.interpreter import Interpreter
+try:
+    import tensorflow
+    sys.exit("TensorFlow was importable")
+except ImportError:
+    pass
+runner = Interpreter(model_path=sys.argv[1]).get_signature_runner("serving_default")
+result = runner(images=np.load(sys.argv[2]))
+print(json.dumps({key: value.tolist() for key, value in result.items()}))
+"""
+
+
+@pytest.mark.network  # installs LiteRT from PyPI into a virtual environment
+def test_the_tflite_file_runs_with_litert_where_tensorflow_is_not(predicted, cropped_run,
+                                                                  tmp_path):
+    rows, _, _ = predicted
+    result = run_script("export.py", f"--model_dir={cropped_run}",
+                        f"--output={tmp_path}/export")
+    assert result.returncode == 0, result.stderr[-3000:]
+    venv = tmp_path / "litert"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "ai-edge-litert==2.3.0"],
+                   check=True, timeout=600, capture_output=True)
+    np.save(tmp_path / "images.npy", decoded(rows))
+    lite = subprocess.run([str(venv / "bin" / "python"), "-I", "-c", LITERT,
+                           str(tmp_path / "export" / "model.tflite"),
+                           str(tmp_path / "images.npy")], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=300)
+    assert lite.returncode == 0, lite.stderr[-3000:]
+    served = json.loads(lite.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(served["probabilities"], probabilities(rows), atol=1e-4)
+
+
+def test_the_export_takes_grey_and_rgba_images(cropped_run, tmp_path):
+    import tensorflow as tf
+
+    result = run_script("export.py", f"--model_dir={cropped_run}",
+                        f"--output={tmp_path}/export")
+    assert result.returncode == 0, result.stderr[-3000:]
+    serve = tf.saved_model.load(str(tmp_path / "export" / "saved_model")).signatures[
+        "serving_default"]
+    grey = np.random.default_rng(0).integers(0, 256, (3, 30, 26, 1)).astype(np.uint8)
+    rgb = np.repeat(grey, 3, axis=-1)
+    rgba = np.concatenate([rgb, np.full(grey.shape, 255, np.uint8)], axis=-1)
+    expected = serve(images=tf.constant(rgb))["probabilities"].numpy()
+    for images in (grey, rgba):  # as PIL's convert("RGB") would give them
+        np.testing.assert_allclose(serve(images=tf.constant(images))["probabilities"],
+                                   expected, atol=1e-6)
+
+
+README_SNIPPET = "## The model without this repository"
+
+
+def test_the_readmes_model_snippet_runs_as_written(cropped_run, tiny_data, tmp_path):
+    readme = open(os.path.join(REPO, "README.md")).read()
+    section = readme[readme.index(README_SNIPPET):]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    code = (code.replace("path/to/dann-keras", REPO)
+            .replace("runs/mine", cropped_run)
+            .replace("NEW_IMAGES", os.path.join(tiny_data, "test", "target", "class_1")))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = result.stdout.strip().splitlines()
+    assert len(printed) == 8 and all(line.split()[-1] in CLASSES for line in printed)

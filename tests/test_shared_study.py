@@ -100,7 +100,8 @@ def test_two_machines_share_one_study(kind, shared_data, tmp_path, request):
     assert [row["mode"] for row in rows].count("source_only") == 1
     for row in rows:  # each trial's run folder is on the machine that ran it
         machine = 0 if row["trial"] in started[0] else 1
-        assert row["run"] == os.path.join(machines[machine], f"trial_{int(row['trial']):04d}")
+        folder = f"trial_{int(row['trial']):04d}"
+        assert row["run"] == os.path.join(machines[machine], folder)
         assert os.path.exists(os.path.join(row["run"], "model.keras"))
         if row["state"] == "complete":
             assert row["val_snd"] and row["val_source_accuracy"]

@@ -167,7 +167,8 @@ def test_processes_draw_trials_one_at_a_time(tmp_path):
 
 @pytest.mark.parametrize("extra, fragments", [
     (["--val_dir="], ["--val_dir is needed"]),
-    (["--lr=0.1"], ["--lr is searched by tune.py (common_flags.SEARCH_SPACE): leave it out"]),
+    (["--lr=0.1"], ["--lr is searched by tune.py (common_flags.SEARCH_SPACE): leave it "
+                    "out"]),
     (["--num_epochs", "2"], ["--num_epochs is searched by tune.py"]),
     (["--mode=cdan"], ["--mode is searched by tune.py (--methods)"]),
     (["--methods=dann,gan"], ["--methods", "comma-separated list of dann, cdan"]),

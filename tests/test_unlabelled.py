@@ -176,8 +176,9 @@ def test_a_run_whose_features_stay_apart_warns_once(tiny_data, tmp_path):
                         f"--model_dir={tmp_path}/apart", "--num_epochs=4",
                         "--batch_size=8", "--gamma=0", "--lr=0.05")
     assert result.returncode == 0, result.stderr[-3000:]
-    warnings = [line for line in result.stderr.splitlines() if "Warning:" in line]
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line.lower()]
     assert len(warnings) == 1 and "not being aligned" in warnings[0], warnings
+    assert warnings[0].startswith("warning: the domain classifier told")  # no log prefix
     assert "1 warning" in result.stdout
 
 
@@ -192,30 +193,38 @@ def test_a_target_the_domain_classifier_cannot_tell_apart_gives_no_warning(
     result = run_script("train.py", f"--train_dir={data}", f"--model_dir={tmp_path}/run",
                         "--num_epochs=4", "--batch_size=8", "--gamma=0", "--lr=0.05")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Warning:" not in result.stderr
+    assert "warning" not in result.stderr.lower()
     history = json.load(open(tmp_path / "run" / "history.json"))
     assert {row["monitor_domain_accuracy"] for row in history} == {0.5}
 
 
-def rows(domain_accuracies, top_shares):
+def rows(domain_accuracies, top_shares, entropy=-0.1):
     return [{"epoch": epoch + 1, "monitor_domain_accuracy": accuracy,
-             "monitor_top_class_share": share}
+             "monitor_top_class_share": share, "monitor_target_entropy": entropy}
             for epoch, (accuracy, share) in enumerate(zip(domain_accuracies, top_shares))]
 
 
 def test_health_warnings_follow_their_stated_rules():
+    def warned(history, mode="dann"):
+        return monitor.health_warnings(history, 4, mode, num_classes=3)
+
     healthy = rows([0.62, 0.7, 0.66, 0.64], [0.2, 0.15, 0.12, 0.11])
-    assert monitor.health_warnings(healthy, 4, "dann") == {}
+    assert warned(healthy) == {}
     # The case that motivated the rule: about 0.9 from the second epoch on.
     apart = rows([0.7, 0.9, 0.91, 0.9], [0.2] * 4)
-    assert set(monitor.health_warnings(apart, 4, "dann")) == {"domain"}
-    assert monitor.health_warnings(apart[:2], 4, "dann") == {}  # not yet most epochs
-    assert monitor.health_warnings(apart, 4, "source_only") == {}  # a probe there
+    assert set(warned(apart)) == {"domain"}
+    assert warned(apart[:2]) == {}  # not yet most epochs
+    assert warned(apart, "source_only") == {} and warned(apart, "mcc") == {}  # probes
+    assert set(warned(apart, "cdan")) == {"domain"}
     collapsed = rows([0.6] * 4, [0.3, 0.5, 0.95, 0.97])
-    assert set(monitor.health_warnings(collapsed, 4, "dann")) == {"collapse"}
-    assert "epoch 3, 95%" in monitor.health_warnings(collapsed, 4, "dann")["collapse"]
+    assert set(warned(collapsed)) == {"collapse"}
+    assert "epoch 3, 95%" in warned(collapsed)["collapse"]
     early = rows([0.6] * 4, [0.95, 0.3, 0.3, 0.3])
-    assert monitor.health_warnings(early, 4, "dann") == {}
+    assert warned(early) == {}
+    # Nearly uniform predictions (entropy 1.0906 of ln 3 = 1.0986) are not a collapse,
+    # whichever class their small leads favour.
+    unsure = rows([0.6] * 4, [0.3, 0.5, 0.95, 0.97], entropy=-1.0906)
+    assert warned(unsure) == {}
 
 
 def test_monitor_signals_need_no_target_labels():
