@@ -2,6 +2,8 @@
 
     python benchmarks/shifts.py [--shifts mnist_to_mnistm,synth_to_mnist] [--seeds 0,1]
     python benchmarks/shifts.py --judge_only      # re-judge the recorded studies
+    python benchmarks/shifts.py --methods dann,cdan,cdan_e,mcc,coral --default_recipes \
+        --runs_dir runs/shifts_methods --output_prefix benchmarks/shifts_methods
 
 Builds each shift (benchmarks/shifts_data.py) if missing, runs the real tune.py on it
 (source-only, the default DANN recipe and TPE trials, scored on val/ without target
@@ -10,8 +12,10 @@ labelled target test split. Each finished study is recorded in shifts.json at on
 so a stopped benchmark continues with the studies it lacks. Then every selection
 rule is judged on every recorded study: the target test accuracy of its choice
 against source-only's (mean and worst difference), the regret to the study's best
-trial (never used to choose), and how often it keeps source-only. Writes shifts.json
-and shifts.md.
+trial (never used to choose), and how often it keeps source-only. With --methods the
+studies search those methods (tune.py --methods); with --default_recipes each method
+of --methods is also trained once per shift with train.py's defaults. Writes
+shifts.json and shifts.md (or --output_prefix).
 """
 
 import json
@@ -68,19 +72,39 @@ def run_study(shift, seed):
     paper_table.run_commands(study_dir, [[
         "tune.py", f"--train_dir={data_dir}/train", f"--val_dir={data_dir}/val",
         f"--study_dir={study_dir}", f"--trials={FLAGS.trials}", f"--seed={seed}",
-        f"--sampler_seed={seed}"]], append=True)
+        f"--sampler_seed={seed}", f"--methods={','.join(FLAGS.methods)}"]], append=True)
     rows = choosing.read_trials(os.path.join(study_dir, tuning.TRIALS_CSV))
-    # Only now, the study ended, are the target test labels read.
+    defaults = default_recipes(data_dir, study_dir, seed) if FLAGS.default_recipes \
+        else {}
+    # Only now, the study and the default runs ended, are the target test labels read.
     for row in choosing.completed(rows):
         row["target_test_accuracy"] = paper_table.target_test_accuracy(
             row["run"], f"{data_dir}/test")
+    defaults = {mode: paper_table.target_test_accuracy(model_dir, f"{data_dir}/test")
+                for mode, model_dir in defaults.items()}
     for row in rows:
         row["run"] = bench.in_repository(row["run"])
     with open(os.path.join(data_dir, "dataset.json")) as handle:
         dataset = json.load(handle)
     return {"shift": shift, "seed": seed, "trials": rows, "dataset": dataset,
-            "wall_seconds": time.perf_counter() - started,
+            "default_recipes": defaults, "wall_seconds": time.perf_counter() - started,
             "machine": bench.machine(), "commit": paper_table.commit()}
+
+
+def default_recipes(data_dir, study_dir, seed):
+    """Trains each method of --methods but DANN (the study's trial 1) once with
+    train.py's defaults, beside the study's folder; returns {mode: run folder}."""
+    runs = {}
+    for mode in FLAGS.methods:
+        if mode == "dann":
+            continue
+        runs[mode] = os.path.join(f"{study_dir}_defaults", mode)
+        if not os.path.exists(os.path.join(runs[mode], "model.keras")):
+            paper_table.run_commands(runs[mode], [[
+                "train.py", f"--train_dir={data_dir}/train", f"--val_dir={data_dir}/val",
+                f"--model_dir={runs[mode]}", f"--mode={mode}", f"--seed={seed}",
+                "--overwrite"]])
+    return runs
 
 
 def judge_study(study):
@@ -113,20 +137,60 @@ def summary(judged):
     return table
 
 
+def summary_lines(table, count):
+    """Markdown rows of a `summary` table over `count` studies."""
+    return [f"| {name} | {100 * row['mean_to_source_only']:+.1f} | "
+            f"{100 * row['worst_to_source_only']:+.1f} | {100 * row['mean_regret']:.1f} | "
+            f"{row['kept_source_only']} of {count} |" for name, row in table.items()]
+
+
+def default_recipe_lines(record):
+    """Markdown: each method's default recipe against source-only, where run."""
+    studies = {key: study for key, study in record["studies"].items()
+               if study.get("default_recipes") and key in record["judged"]}
+    if not studies:
+        return []
+    modes = ["dann", *next(iter(studies.values()))["default_recipes"]]
+    header = ["study", "source-only", *modes, "tune.py's choice"]
+    lines = ["", "Each method with train.py's defaults (lr 0.01, gamma 10, 20 epochs), "
+             "and the study's choice among them (the default rule):", "",
+             "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    gains = {mode: [] for mode in [*modes, "choice"]}
+    for key, study in studies.items():
+        judged = record["judged"][key]
+        accuracy = {"dann": next(row["target_test_accuracy"] for row in study["trials"]
+                                 if row["trial"] == 1), **study["default_recipes"]}
+        chosen = next(rule for name, rule in judged["rules"].items()
+                      if name.endswith("(default)"))
+        accuracy["choice"] = chosen["accuracy"]
+        for mode in gains:
+            gains[mode].append(accuracy[mode] - judged["source_only"])
+        lines.append(f"| {key} | {judged['source_only']:.4f} | " + " | ".join(
+            f"{accuracy[mode]:.4f}" for mode in modes) + f" | {chosen['accuracy']:.4f} "
+            f"({chosen['mode']}) |")
+    lines.append("| mean (worst) vs source-only, points | | " + " | ".join(
+        f"{100 * sum(g) / len(g):+.1f} ({100 * min(g):+.1f})" for g in gains.values())
+        + " |")
+    return lines
+
+
 def markdown(record):
-    """shifts.md: the rules over all studies, then each study's picks."""
+    """shifts.md: the rules over all studies and per seed, then each study's picks."""
     studies, table = record["judged"], record["summary"]
-    lines = [f"Selection rules on {len(studies)} studies (tune.py, up to "
-             f"{FLAGS.trials} trials each, TPE on `snd`); target test accuracy read "
-             "after each study ended. Differences in points of accuracy.", "",
-             "| rule | mean vs source-only | worst vs source-only | mean regret | "
-             "keeps source-only |", "| --- | --- | --- | --- | --- |"]
-    for name, row in table.items():
-        lines.append(f"| {name} | {100 * row['mean_to_source_only']:+.1f} | "
-                     f"{100 * row['worst_to_source_only']:+.1f} | "
-                     f"{100 * row['mean_regret']:.1f} | {row['kept_source_only']} of "
-                     f"{len(studies)} |")
+    head = ("| rule | mean vs source-only | worst vs source-only | mean regret | "
+            "keeps source-only |", "| --- | --- | --- | --- | --- |")
+    lines = [f"Selection rules on {len(studies)} studies (tune.py --trials "
+             f"{FLAGS.trials}: source-only, the default DANN recipe, and trials of "
+             f"{', '.join(FLAGS.methods)} drawn by Optuna's seeded TPE sampler, whose "
+             "first 10 draws are random); target test accuracy read after each study "
+             "ended. Differences in points of accuracy.", "", *head,
+             *summary_lines(table, len(studies))]
     default = next(name for name in RULES if name.endswith("(default)"))
+    for seed, by_seed in record["summary_by_seed"].items():
+        count = sum(study.endswith(f"seed_{seed}") for study in studies)
+        lines += ["", f"Seed {seed} only ({count} studies):", "", *head,
+                  *summary_lines({name: by_seed[name] for name in ("snd", default)},
+                                 count)]
     lines += ["", "| study | source-only | best trial | snd picks | default rule "
               "picks |", "| --- | --- | --- | --- | --- |"]
     for key, study in studies.items():
@@ -134,11 +198,16 @@ def markdown(record):
         lines.append(f"| {key} | {study['source_only']:.4f} | {study['oracle']:.4f} | "
                      f"trial {snd['trial']} ({snd['mode']}) {snd['accuracy']:.4f} | "
                      f"trial {rule['trial']} ({rule['mode']}) {rule['accuracy']:.4f} |")
-    machine = record["machine"]
+    lines += default_recipe_lines(record)
+    machines = {}
+    for study in record["studies"].values():
+        machine = f"{study['machine']['cpu']}, {study['machine']['cores']} cores"
+        machines.setdefault(machine, set()).add(str(study["seed"]))
     hours = sum(study["wall_seconds"] for study in record["studies"].values()) / 3600
-    lines += ["", f"Machine: {machine['cpu']}, {machine['cores']} cores; the studies "
-              f"took {hours:.1f} hours. How each shift is built: "
-              "benchmarks/shifts_data.py."]
+    lines += ["", "Machines: " + "; ".join(
+        f"{machine} (seed {', '.join(sorted(seeds))})" for machine, seeds in
+        machines.items()) + f". The studies took {hours:.1f} hours in all. How each "
+        "shift is built: benchmarks/shifts_data.py."]
     return "\n".join(lines) + "\n"
 
 
@@ -166,8 +235,12 @@ def write(studies):
                      choosing.completed(study["trials"]))}
     if not judged:
         return
+    seeds = sorted({study["seed"] for study in studies.values()})
+    by_seed = {seed: summary({key: value for key, value in judged.items()
+                              if studies[key]["seed"] == seed}) for seed in seeds}
     record = {"studies": studies, "judged": judged, "summary": summary(judged),
-              "machine": bench.machine(), "versions": bench.versions()}
+              "summary_by_seed": by_seed, "machine": bench.machine(),
+              "versions": bench.versions()}
     paper_table.write_results(FLAGS.output_prefix, record, markdown(record))
 
 
@@ -185,4 +258,8 @@ if __name__ == "__main__":
     flags.DEFINE_float("scale", 1.0, "Multiplies the image counts of a shift built "
                        "here (a quick check of this script).")
     flags.DEFINE_bool("judge_only", False, "Only re-judge the studies in PREFIX.json.")
+    flags.DEFINE_list("methods", ["dann"], "The methods each study searches (tune.py "
+                      "--methods).")
+    flags.DEFINE_bool("default_recipes", False, "Also train each method of --methods "
+                      "with train.py's defaults, once per shift and seed.")
     app.run(main)
