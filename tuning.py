@@ -341,6 +341,8 @@ def leaderboard(rows, objective, top=10):
                      f"{row['val_source_accuracy']:>14.4f}")
     lines += [f"trial {row['trial']} ruled out: {row['ruled_out']}" for row in rows
               if row["ruled_out"]]
+    lines += [f"trial {row['trial']} stopped before its end: the same command continues "
+              "it from its latest checkpoint" for row in rows if row["state"] == "stopped"]
     if chosen is None:
         return lines + [
             f"Nothing chosen: none of the {len(rows)} trials was scored (the reasons "

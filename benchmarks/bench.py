@@ -41,6 +41,7 @@ from file_utils import write_atomically  # noqa: E402
 
 FLAGS = flags.FLAGS
 BATCH = 64
+METHODS = ("cdan", "cdan_e", "mcc", "coral")
 
 
 def _random_images(count):
@@ -84,8 +85,7 @@ def bare_step_images_per_second(steps, jit_compile=False, precision="float32"):
     @tf.function(jit_compile=jit_compile)
     def step():
         with tf.GradientTape() as tape:
-            label_loss, domain_loss, *_ = model._forward(batch, training=True)
-            loss = label_loss + domain_loss
+            loss = model.total_loss(model._forward(batch, training=True)[0])
         optimizer.apply(tape.gradient(loss, weights), weights)
         return loss
 
@@ -104,9 +104,10 @@ def forward_images_per_second(steps):
     return _images_per_second(step, evaluation.EVAL_BATCH_SIZE, steps)
 
 
-def fit_images_per_second(steps_per_execution, steps=320):
-    """Keras fit() of the DANN model on one batch held in memory (no input pipeline)."""
-    model = models.build_dann((28, 28, 3), 10, [0.5, 0.5, 0.5], "dann", 10 * steps,
+def fit_images_per_second(steps_per_execution, steps=320, mode="dann"):
+    """Keras fit() of the `mode` model on one batch held in memory (no input
+    pipeline)."""
+    model = models.build_dann((28, 28, 3), 10, [0.5, 0.5, 0.5], mode, 10 * steps,
                               steps_per_execution=steps_per_execution)
     data = data_utils.without_autotune_thread(
         tf.data.Dataset.from_tensors(_in_memory_batch()).repeat())
@@ -129,6 +130,20 @@ def variant_figures():
             "bare_step_xla": bare_step_images_per_second(300, jit_compile=True),
             "fit_1_step_per_call": fit_images_per_second(1),
             "fit_16_steps_per_call": fit_images_per_second(16)}
+
+
+def method_ratios(rounds=3):
+    """Each method's warm fit() images/s and its ratio to DANN's, measured in turns
+    (DANN, CDAN, ..., DANN, CDAN, ...) so that a slower stretch of the machine falls
+    on all of them; the median of `rounds` turns."""
+    rates = {mode: [] for mode in ("dann", *METHODS)}
+    for _ in range(rounds):
+        for mode in rates:
+            rates[mode].append(fit_images_per_second(16, mode=mode))
+    medians = {mode: float(np.median(values)) for mode, values in rates.items()}
+    return {"fit_img_per_s": medians,
+            "ratio_to_dann": {mode: rate / medians["dann"]
+                              for mode, rate in medians.items()}}
 
 
 def measure_variants():
@@ -267,6 +282,7 @@ def measure(quick):
     results["bare_step_img_per_s"] = (bare_before + bare_after) / 2
     results["bare_step_before_after"] = [bare_before, bare_after]
     results["variants"] = None if quick else measure_variants()
+    results["methods"] = method_ratios(1 if quick else 3)
     return add_ratios(results)
 
 
@@ -292,6 +308,8 @@ def print_results(results):
             print(f"{key:24s} {value:12.2f}")
         elif not isinstance(value, dict):
             print(f"{key:24s} {value!s:>12}")
+    for mode, ratio in results.get("methods", {}).get("ratio_to_dann", {}).items():
+        print(f"{mode} training images/s as a share of dann's: {ratio:.2f}")
     for name, figures in (results["variants"] or {}).items():
         print(f"{name}: " + ", ".join(f"{key} {value:,.0f}" for key, value in
                                       figures.items()) + " img/s")
@@ -304,7 +322,12 @@ def main(argv):
     if FLAGS.variant_child:
         print(json.dumps(variant_figures()))
         return
-    results = measure(FLAGS.quick)
+    if FLAGS.methods_only:  # into the recorded figures, the others kept
+        with open(FLAGS.results) as handle:
+            results = json.load(handle)
+        results["methods"] = {**method_ratios(), "machine": machine()}
+    else:
+        results = measure(FLAGS.quick)
     write_atomically(FLAGS.results, lambda handle: json.dump(results, handle, indent=1))
     print_results(results)
     print(f"Wrote {FLAGS.results}")
@@ -313,6 +336,8 @@ def main(argv):
 if __name__ == "__main__":
     flags.DEFINE_boolean("quick", False, "Smaller data, fewer steps; skips the full "
                          "data build and the full-data memory figure (written as null).")
+    flags.DEFINE_boolean("methods_only", False, "Only measure each method's fit() "
+                         "images/s against DANN's, into the existing --results file.")
     flags.DEFINE_boolean("variant_child", False, "Internal: print the TensorFlow "
                          "settings' figures of this process as JSON.")
     flags.DEFINE_string("results", os.path.join(REPO, "benchmarks", "results.json"),

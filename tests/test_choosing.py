@@ -1,6 +1,8 @@
 """The rule that chooses a study's trial without target labels (choosing.py), on
 constructed score tables, and the leaderboard lines that report it."""
 
+import os
+
 import pytest
 
 import choosing
@@ -123,3 +125,36 @@ def test_a_study_of_several_methods_says_which_and_may_choose_any():
     rows[2]["val_target_entropy"] = -0.3
     chosen, reason = choosing.choose(rows)
     assert chosen["trial"] == 2 and reason.startswith("chose trial 2 (mcc): above")
+
+
+def test_a_trial_is_ruled_out_at_the_first_epoch_that_shows_it():
+    def row(epoch, accuracy=0.9, share=0.2):
+        return {"epoch": epoch, "val_source_accuracy": accuracy,
+                "monitor_top_class_share": share}
+
+    # A slow start is not ruled out before EARLY_FROM_EPOCH, a collapse not before the
+    # run's second half.
+    assert tuning.ruled_out_early(row(tuning.EARLY_FROM_EPOCH - 1, 0.1), 20) is None
+    assert tuning.ruled_out_early(row(tuning.EARLY_FROM_EPOCH, 0.1), 20) == (
+        "source accuracy 0.100 on val is below 0.5: the source task was not learned "
+        f"(at epoch {tuning.EARLY_FROM_EPOCH} of 20)")
+    assert tuning.ruled_out_early(row(10, share=0.95), 20) is None
+    assert tuning.ruled_out_early(row(11, share=0.95), 20).startswith(
+        "95% of the val target images were given one class: collapsed (at epoch 11")
+    assert tuning.ruled_out_early(row(11), 20) is None
+
+
+def test_tune_help_states_the_rule_with_its_margins():
+    text = open(os.path.join(os.path.dirname(choosing.__file__), "tune.py")).read()
+    usage = text.split('"""')[1]
+    assert f"{choosing.ACCURACY_MARGIN * 100:.0f} points below" in usage
+    assert f"{choosing.SHARE_MARGIN * 100:.0f} points more" in usage
+    assert "target_entropy" in usage and "benchmarks/shifts.md" in usage
+
+
+def test_a_stopped_trial_is_said_to_continue_with_the_same_command():
+    rows = REAL_SHIFT + [trial(11, "dann", 4.0, -0.5, 0.9, state="stopped")]
+    rows[-1]["ruled_out"] = ""
+    lines = tuning.leaderboard(rows, "snd")
+    assert ("trial 11 stopped before its end: the same command continues it from its "
+            "latest checkpoint") in lines

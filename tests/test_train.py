@@ -278,3 +278,26 @@ def test_training_builds_the_default_data_set_only_when_training_on_it(tmp_path,
     assert built == []
     training.build_default_data_if_missing(os.path.join(default, "train"))
     assert built == [default]
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ({"val_dir": "{tmp}/no_val"}, "no_val is not a folder"),
+    ({"mode": "target_only", "train_dir": "{tmp}/unlabelled"}, "--mode target_only"),
+])
+def test_unusable_splits_are_refused_before_any_image_is_decoded(
+        tiny_data, tmp_path, monkeypatch, override, fragment):
+    import shutil
+
+    shutil.copytree(os.path.join(tiny_data, "train", "source"),
+                    tmp_path / "unlabelled" / "source")
+    shutil.copytree(os.path.join(tiny_data, "train", "source", "class_0"),
+                    tmp_path / "unlabelled" / "target")
+
+    def decoding(*args, **kwargs):
+        raise AssertionError("an image was decoded before the splits were checked")
+
+    monkeypatch.setattr(data_utils, "readable_only", decoding)
+    settings = {key: value.format(tmp=tmp_path) for key, value in override.items()}
+    with pytest.raises(UserError, match=fragment):
+        run(_config(tiny_data, tmp_path / "run", skip_bad_images=True, **settings))
+    assert not os.path.exists(tmp_path / "run")
