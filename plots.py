@@ -285,6 +285,21 @@ def sample_grid(split, path, per_class=2, seed=0):
     save_figure(figure, path)
 
 
+def refuse_a_foreign_figure(path):
+    """Refuses to replace a file at `path` that is not a figure drawn by matplotlib
+    (its PNG "Software" note): the user's own file of that name."""
+    if not os.path.exists(path):
+        return
+    try:
+        with Image.open(path) as image:
+            drawn = image.info.get("Software", "").startswith("Matplotlib")
+    except OSError:
+        drawn = False
+    if not drawn:
+        raise UserError(f"--output_dir: {path} is a file this command did not write: "
+                        "pass another --output_dir")
+
+
 def readme_figures(data_dir, output_dir):
     """Draws the README's figures into `output_dir`: the architecture, and a grid of
     `data_dir`/train's images; returns the paths written.
@@ -292,10 +307,16 @@ def readme_figures(data_dir, output_dir):
     Raises:
         UserError: `data_dir`/train is not a split folder.
     """
-    split = folders.scan_split(os.path.join(data_dir, "train"))
-    os.makedirs(output_dir, exist_ok=True)
+    try:
+        split = folders.scan_split(os.path.join(data_dir, "train"))
+    except UserError as error:
+        raise UserError(f"{error} (python mnist_m.py builds the default data set)"
+                        ) from None
     written = [os.path.join(output_dir, name)
                for name in ("architecture.png", "samples.png")]
+    for path in written:
+        refuse_a_foreign_figure(path)
+    os.makedirs(output_dir, exist_ok=True)
     architecture_diagram(written[0])
     sample_grid(split, written[1])
     return written
@@ -306,8 +327,7 @@ def main(data_dir, output_dir):
     try:
         written = readme_figures(data_dir, output_dir)
     except UserError as error:
-        print(f"error: {error} (python mnist_m.py builds the default data set)",
-              file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     print(f"Wrote {', '.join(written)} (training images from "
           f"{os.path.join(data_dir, 'train')})")

@@ -24,6 +24,7 @@ from absl import logging
 import choosing
 import common_flags
 import evaluation
+import file_utils
 import plots
 import run_folder
 import study_store
@@ -256,7 +257,7 @@ def after_trial(study, trial, study_dir, objective):
 def wait_for_others(study):
     """Waits while other processes run trials of the study, so that the outputs
     written last hold their results; a process that died is noticed by its missed
-    heartbeats (a database storage). Ctrl-C stops waiting."""
+    heartbeats (a database storage; a journal has none). Ctrl-C stops waiting."""
     told = False
     while True:
         study_store.fail_stale_trials(study)
@@ -264,8 +265,9 @@ def wait_for_others(study):
         if not running or training.SignalsRecorded.received:
             return
         if not told:
-            logging.info("waiting for trial(s) %s, run by other processes",
-                         ", ".join(str(number_of(trial)) for trial in running))
+            file_utils.tell("note", "waiting for trial(s) " + ", ".join(
+                str(number_of(trial)) for trial in running) + ", which other processes "
+                "run (Ctrl-C stops waiting; the same command reads their results later)")
             told = True
         time.sleep(WAIT_S)
 

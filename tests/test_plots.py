@@ -2,10 +2,12 @@
 
 import os
 
+import pytest
 from PIL import Image
 
 import folders
 import plots
+from file_utils import UserError
 
 
 def assert_png(path, min_width):
@@ -36,3 +38,14 @@ def test_training_curves_tolerate_columns_missing_in_some_epochs(tmp_path):
 def test_confusion_matrix(tmp_path):
     plots.confusion_matrix([[3, 1], [0, 4]], ["a", "b"], "test", str(tmp_path / "c.png"))
     assert_png(str(tmp_path / "c.png"), 200)
+
+
+def test_the_readme_figures_never_replace_a_users_file(tiny_data, tmp_path):
+    (tmp_path / "samples.png").write_text("the user's")
+    with pytest.raises(UserError, match="samples.png is a file this command did not"):
+        plots.readme_figures(tiny_data, str(tmp_path))
+    assert (tmp_path / "samples.png").read_text() == "the user's"
+    assert not (tmp_path / "architecture.png").exists()
+    (tmp_path / "samples.png").unlink()
+    written = plots.readme_figures(tiny_data, str(tmp_path))
+    assert plots.readme_figures(tiny_data, str(tmp_path)) == written  # its own: replaced

@@ -119,6 +119,7 @@ def test_ctrl_c_then_the_same_command_continues_without_counting_twice(tune_data
     output = process.communicate(timeout=600)[0]
     assert process.returncode == 130, output[-3000:]
     assert "run the same command again" in output
+    assert "--restore_model" not in output  # not a tune.py flag
     again = run_script("tune.py", *args)
     assert again.returncode == 0, again.stderr[-3000:]
     assert re.search(r"\] trial 1 resumes: dann", again.stderr)
