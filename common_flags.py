@@ -199,7 +199,8 @@ TUNE = {
                        "report."),
     "study_dir": Setting(os.path.join(REPO_DIR, "runs", "tune"), "Folder of the study: "
                          "a run folder per trial (trial_0007/), trials.csv, trials.png, "
-                         "best (a link to the best trial) and, by default, study.db."),
+                         "choice.txt, best (a link to the chosen trial) and, by default, "
+                         "study.db. A folder holding anything else is refused."),
     "trials": Setting(16, "Trials the study holds when done, those of every process "
                       "sharing it and its two baselines (source-only and the default "
                       "DANN recipe) included.", "positive"),
@@ -210,8 +211,10 @@ TUNE = {
                        "dann, cdan, cdan_e, mcc, coral; with more than one, each trial "
                        "draws one. Source-only and the default DANN recipe are always "
                        "trials.", "methods"),
-    "objective": Setting("snd", "The label-free score on --val_dir the study maximises; "
-                         "source_accuracy for comparison.",
+    "objective": Setting("snd", "The label-free score on --val_dir the sampler "
+                         "maximises (it steers which recipes are tried; the trial chosen "
+                         "is the rule's: see the top of this help); source_accuracy "
+                         "for comparison.",
                          choices=("snd", "target_entropy", "source_accuracy")),
     "storage": Setting(None, "Where the study lives, for several processes or machines "
                        "on one study. Default: sqlite:///STUDY_DIR/study.db, for ONE "
