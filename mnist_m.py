@@ -285,6 +285,20 @@ def _split_paths(root, split, domain, labels):
             for index, label in enumerate(labels)]
 
 
+def check_output_dir(output_dir, overwrite):
+    """Refuses an existing `output_dir` without `overwrite`, and with it any folder
+    but a data set this command built: --overwrite never replaces a user's files."""
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not os.path.exists(
+            os.path.join(output_dir, "dataset.json")):
+        raise UserError(f"--output_dir {output_dir} holds files but no dataset.json (it "
+                        "is not a set this command built): pass a new or empty folder")
+    refuse_foreign_files(output_dir, "--output_dir", ("train", "val", "test",
+                                                      "dataset.json"))
+    if os.path.exists(output_dir) and not overwrite:
+        raise UserError(f"{output_dir} already exists: remove it, pass --overwrite, or "
+                        "choose another --output_dir")
+
+
 def build_mnist_mnistm(output_dir, mnist_path=None, mnistm_path=None, backgrounds=None,
                        num_train=0, num_test=0, seed=0, binarize=False, cache_dir=None,
                        overwrite=False, log=print, num_val=0):
@@ -300,16 +314,7 @@ def build_mnist_mnistm(output_dir, mnist_path=None, mnistm_path=None, background
     Returns:
         The dataset.json record (a dict).
     """
-    # --overwrite replaces a data set this command built, never a user's files.
-    if os.path.isdir(output_dir) and os.listdir(output_dir) and not os.path.exists(
-            os.path.join(output_dir, "dataset.json")):
-        raise UserError(f"--output_dir {output_dir} holds files but no dataset.json (it "
-                        "is not a set this command built): pass a new or empty folder")
-    refuse_foreign_files(output_dir, "--output_dir", ("train", "val", "test",
-                                                      "dataset.json"))
-    if os.path.exists(output_dir) and not overwrite:
-        raise UserError(f"{output_dir} already exists: remove it, pass --overwrite, or "
-                        "choose another --output_dir")
+    check_output_dir(output_dir, overwrite)
     mnist, mnist_source = load_mnist(mnist_path, cache_dir, log)
     log(f"MNIST from {mnist_source}")
     official = load_official_mnistm(mnistm_path) if mnistm_path else None

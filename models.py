@@ -126,10 +126,9 @@ class DANN(keras.Model):
             centre_crop=self.augment, domain_input=lambda size: methods.domain_input_size(
                 mode, size, self.num_classes))
         self.features, self.label_head = parts.features, parts.label_head
-        if mode in methods.CONDITIONED:
-            self.conditioning = methods.MultilinearMap(
-                self.features.output_shape[-1], self.num_classes, name="multilinear_map",
-                dtype="float32")
+        self.conditioning = methods.MultilinearMap(
+            self.features.output_shape[-1], self.num_classes, name="multilinear_map",
+            dtype="float32") if mode in methods.CONDITIONED else None
         # float32, so lambda scales the reversed gradient in full precision.
         self.grl = GradientReversal(0.0, name="gradient_reversal", dtype="float32")
         self.domain_head = parts.domain_head
@@ -139,7 +138,15 @@ class DANN(keras.Model):
         losses = ("loss", "label_loss", "domain_loss") + (
             ("adaptation_loss",) if mode in methods.LOSS_BASED else ())
         self.trackers = {name: keras.metrics.Mean(name=name) for name in losses}
-        self.accuracies = {
+        self.accuracies = self.accuracy_metrics()
+        # Every sub-network was built with its input shape above; marking the model
+        # built lets Keras save and restore the optimiser state with it.
+        self.built = True
+
+    @staticmethod
+    def accuracy_metrics():
+        """{name: metric} of the accuracies training and evaluation report."""
+        return {
             "label_accuracy": keras.metrics.SparseCategoricalAccuracy("label_accuracy"),
             "source_accuracy": keras.metrics.SparseCategoricalAccuracy("source_accuracy"),
             "target_accuracy": keras.metrics.SparseCategoricalAccuracy("target_accuracy"),
@@ -147,9 +154,6 @@ class DANN(keras.Model):
             "domain_accuracy": keras.metrics.BinaryAccuracy("domain_accuracy",
                                                             threshold=0.0),
         }
-        # Every sub-network was built with its input shape above; marking the model
-        # built lets Keras save and restore the optimiser state with it.
-        self.built = True
 
     def call(self, images, training=False):
         if isinstance(images, dict):  # a training batch, as Keras passes one to build

@@ -176,6 +176,23 @@ def tuning_figure(rows, params, objective, path, chosen=None):
     figure, axes = plt.subplots(1, 1 + len(params), figsize=(5 * (1 + len(params)), 4),
                                 layout="constrained", squeeze=False)
     axes = axes[0]
+    _draw_trials(axes, rows, scored, params)
+    if chosen is not None:
+        axes[0].scatter([chosen["trial"]], [chosen["score"]], s=160, facecolors="none",
+                        edgecolors="black", label="chosen")
+    _label_trial_axes(axes, rows, scored, params, objective)
+    handles, labels = axes[0].get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    figure.legend(unique.values(), unique.keys(), loc="outside right upper", fontsize=8)
+    ruled_out = len(rows) - len(scored)
+    figure.suptitle(f"{len(rows)} trials: {len(scored)} scored, {ruled_out} ruled out "
+                    "or unfinished")
+    save_figure(figure, path)
+
+
+def _draw_trials(axes, rows, scored, params):
+    """Each mode's scored trials in its colour, the others as crosses below them,
+    source-only's score as a dashed line across every panel."""
     scores = [row["score"] for row in scored] or [0.0]
     floor = min(scores) - 0.1 * (max(scores) - min(scores) or 1.0)
     for mode in dict.fromkeys(row["mode"] for row in rows):
@@ -191,17 +208,18 @@ def tuning_figure(rows, params, objective, path, chosen=None):
     for axis, name in zip(axes, ("trial", *params)):
         axis.scatter([row[name] for row in ruled_out], [floor] * len(ruled_out),
                      marker="x", color="C7", label="ruled out" if ruled_out else None)
-    if chosen is not None:
-        axes[0].scatter([chosen["trial"]], [chosen["score"]], s=160, facecolors="none",
-                        edgecolors="black", label="chosen")
     for source_only in (row for row in scored if row["mode"] == "source_only"):
         for axis in axes:
             axis.axhline(source_only["score"], color=MODE_COLOURS["source_only"],
                          linestyle="--", linewidth=1, label="source-only")
+
+
+def _label_trial_axes(axes, rows, scored, params, objective):
+    """Axis labels and ticks: integer trial numbers, each flag's scale or values."""
     axes[0].set_xlabel("trial")
-    axes[0].set_xticks(sorted({row["trial"] for row in rows})
-                       if len(rows) <= 20 else [])
-    if len(rows) > 20:
+    if len(rows) <= 20:
+        axes[0].set_xticks(sorted({row["trial"] for row in rows}))
+    else:
         axes[0].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     for axis, (name, log_range) in zip(axes[1:], params.items()):
         axis.set_xlabel(name)
@@ -213,12 +231,6 @@ def tuning_figure(rows, params, objective, path, chosen=None):
     for axis in axes:
         axis.set_ylabel(f"{objective} on val (higher: better)")
         axis.grid(alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    unique = dict(zip(labels, handles))
-    figure.legend(unique.values(), unique.keys(), loc="outside right upper", fontsize=8)
-    figure.suptitle(f"{len(rows)} trials: {len(scored)} scored, {len(ruled_out)} "
-                    "ruled out or unfinished")
-    save_figure(figure, path)
 
 
 ARCHITECTURE = (

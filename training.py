@@ -244,16 +244,9 @@ def fit(model, config, data, steps, run_started, verbose, strategy, writes=True,
     history = run_folder.read_history(config.model_dir, done_steps // steps) \
         if writes else []
     with StopGuard(config.model_dir if writes else None, steps) as guard:
-        callbacks = [guard]
-        if writes:  # The guard last: an epoch is recorded before a stop at its end.
-            callbacks[:0] = [
-                models.ScheduleLogger(),
-                monitor.HealthMonitor(data.monitored, data.val is not None, history,
-                                      config.num_epochs, config.mode),
-                PeriodicCheckpoint(config.model_dir, config.log_rate, config.num_epochs),
-                HistoryWriter(config.model_dir, history, run_started),
-                keras.callbacks.TensorBoard(os.path.join(config.model_dir, "logs")),
-                *extra_callbacks]
+        # The guard last: an epoch is recorded before a stop at its end.
+        callbacks = [*(recording_callbacks(config, data, history, run_started,
+                                           extra_callbacks) if writes else []), guard]
         for epoch, epochs, epoch_steps in epoch_segments(done_steps, steps,
                                                          config.num_epochs):
             per_call = set_steps_per_execution(
@@ -277,6 +270,18 @@ def fit(model, config, data, steps, run_started, verbose, strategy, writes=True,
             if model.stop_training:
                 break
     return history
+
+
+def recording_callbacks(config, data, history, run_started, extra_callbacks):
+    """The callbacks that write a run's epochs: schedules, health signals,
+    checkpoints, history, TensorBoard, then the caller's."""
+    return [models.ScheduleLogger(),
+            monitor.HealthMonitor(data.monitored, data.val is not None, history,
+                                  config.num_epochs, config.mode),
+            PeriodicCheckpoint(config.model_dir, config.log_rate, config.num_epochs),
+            HistoryWriter(config.model_dir, history, run_started),
+            keras.callbacks.TensorBoard(os.path.join(config.model_dir, "logs")),
+            *extra_callbacks]
 
 
 def set_steps_per_execution(model, epoch_steps, requested):

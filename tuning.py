@@ -13,6 +13,7 @@ default recipe, scored the same way. A trial the rules rule out (`ruled_out`,
 
 import csv
 import dataclasses
+import functools
 import os
 import signal
 import time
@@ -292,15 +293,14 @@ def run(settings, study_dir, trials=16, sampler="tpe", objective="snd", storage=
     Args:
         settings: train.py's flags for every trial: `common_flags.TRIAL`'s,
             `train_dir` and `val_dir` (the split every trial is scored on).
-        objective: one of OBJECTIVES, the label-free score maximised.
-        methods: the adapting modes searched, comma-separated (tune.py's --methods).
+        objective, methods: tune.py's --objective and --methods (comma-separated).
 
     Returns:
         The trial rows (dicts), as trials.csv holds them.
 
     Raises:
         UserError: bad input, as train.py and eval.py refuse it, or a storage that
-            cannot be opened or holds a study of another objective.
+            cannot be opened or holds a study of other settings.
         training.TrainingStopped, KeyboardInterrupt: a signal stopped a trial (its
             checkpoint is kept); the same call continues it.
     """
@@ -315,13 +315,12 @@ def run(settings, study_dir, trials=16, sampler="tpe", objective="snd", storage=
     try:
         with training.SignalsRecorded():
             if len(study_trials(study, counted)) < trials:
-                study.optimize(
-                    objective_function(settings, study_dir, objective, trials, verbose,
-                                       methods),
-                    callbacks=[optuna.study.MaxTrialsCallback(trials, states=counted),
-                               lambda study, trial: after_trial(study, trial, study_dir,
-                                                                objective)],
-                    catch=(NotNeeded,))
+                study.optimize(objective_function(settings, study_dir, objective, trials,
+                                                  verbose, methods),
+                               callbacks=[optuna.study.MaxTrialsCallback(
+                                   trials, states=counted), functools.partial(
+                                       after_trial, study_dir=study_dir,
+                                       objective=objective)], catch=(NotNeeded,))
             wait_for_others(study)
     finally:
         rows = write_outputs(study, study_dir, objective)

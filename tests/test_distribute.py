@@ -240,44 +240,45 @@ def test_each_method_on_two_mirrored_devices_gives_the_one_device_weights(
                             str(tmp_path / f"{mode}-two" / "model.keras"), 1e-6)
 
 
+# Halves of very different certainty and spread: a loss computed on each replica's
+# half alone would differ from the whole batch's.
+BATCH_LOSSES = """
+import numpy as np
+import methods
+rng = np.random.default_rng(0)
+logits = tf.constant(np.r_[rng.normal(0, 4, (4, 3)), rng.normal(0, 0.3, (4, 3))],
+                     tf.float32)
+domains = tf.constant([0, 0, 1, 1, 0, 0, 1, 1], tf.float32)
+scale = tf.Variable(1.5)
+losses = {
+    "cdan_e": lambda x: methods.entropy_weighted_domain_loss(
+        domains, x[:, 0], tf.nn.softmax(x * [[4.0, 1, 1]])),
+    "mcc": methods.minimum_class_confusion,
+    "coral": lambda x: methods.coral(x[::2], x[1::2])}
+two = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+halves = two.experimental_distribute_values_from_function(
+    lambda context: logits[4 * context.replica_id_in_sync_group:][:4])
+for name, loss in losses.items():
+    with tf.GradientTape() as tape:
+        value = loss(scale * logits)
+    gradient = tape.gradient(value, scale)
+
+    def replica(half):
+        replicas = tf.distribute.get_replica_context().num_replicas_in_sync
+        with tf.GradientTape() as tape:
+            value = loss(scale * half) / replicas
+        return value, tape.gradient(value, scale)
+
+    value_two, gradient_two = (two.reduce("SUM", v, None) for v in
+                               two.run(tf.function(replica), args=(halves,)))
+    np.testing.assert_allclose([value_two, gradient_two], [value, gradient], rtol=1e-5)
+    print(name, float(value), float(gradient))
+"""
+
+
 def test_batch_level_losses_and_gradients_on_two_replicas_are_the_one_device_ones():
-    # Halves of very different certainty and spread: a loss computed on each replica's
-    # half alone would differ from the whole batch's.
-    script = TWO_CPUS.format(repo=REPO) + textwrap.dedent("""
-        import numpy as np
-        import methods
-        rng = np.random.default_rng(0)
-        logits = tf.constant(np.r_[rng.normal(0, 4, (4, 3)), rng.normal(0, 0.3, (4, 3))],
-                             tf.float32)
-        domains = tf.constant([0, 0, 1, 1, 0, 0, 1, 1], tf.float32)
-        scale = tf.Variable(1.5)
-        losses = {
-            "cdan_e": lambda x: methods.entropy_weighted_domain_loss(
-                domains, x[:, 0], tf.nn.softmax(x * [[4.0, 1, 1]])),
-            "mcc": methods.minimum_class_confusion,
-            "coral": lambda x: methods.coral(x[::2], x[1::2])}
-        two = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-        halves = two.experimental_distribute_values_from_function(
-            lambda context: logits[4 * context.replica_id_in_sync_group:][:4])
-        for name, loss in losses.items():
-            with tf.GradientTape() as tape:
-                value = loss(scale * logits)
-            gradient = tape.gradient(value, scale)
-
-            def replica(half):
-                replicas = tf.distribute.get_replica_context().num_replicas_in_sync
-                with tf.GradientTape() as tape:
-                    value = loss(scale * half) / replicas
-                return value, tape.gradient(value, scale)
-
-            value_two, gradient_two = (two.reduce("SUM", v, None) for v in
-                                       two.run(tf.function(replica), args=(halves,)))
-            np.testing.assert_allclose([value_two, gradient_two], [value, gradient],
-                                       rtol=1e-5)
-            print(name, float(value), float(gradient))
-    """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", TWO_CPUS.format(repo=REPO)
+                             + BATCH_LOSSES], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [line.split()[0] for line in result.stdout.splitlines()] == [
         "cdan_e", "mcc", "coral"]

@@ -198,8 +198,7 @@ def test_each_method_trains_resumes_evaluates_predicts_and_exports(mode, tiny_da
                      f"--output={output}"], ["export.py"]):
         result = run_script(*command, f"--model_dir={full}")
         assert result.returncode == 0, result.stderr[-3000:]
-    with open(output, newline="") as handle:
-        rows = list(csv.DictReader(handle))
+    rows = list(csv.DictReader(open(output, newline="")))
     images = np.stack([np.asarray(Image.open(row["path"]).convert("RGB"))
                        for row in rows])
     served = tf.saved_model.load(os.path.join(full, "export", "saved_model")).signatures[
