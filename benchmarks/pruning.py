@@ -43,8 +43,13 @@ def replay(row):
 def study_record(study_dir):
     """The replay of one study: per trial, and whether its choice changes."""
     rows = choosing.read_trials(os.path.join(study_dir, tuning.TRIALS_CSV))
+    # Studies run before trials were numbered by folder have a `fail` row for a trial
+    # that a later row resumed in the same folder: its history counts once.
+    resumed = {row["run"] for row in rows if row["state"] != "fail"}
     trials, early = [], []
     for row in rows:
+        if row["state"] == "fail" and row["run"] in resumed:
+            continue
         if not os.path.exists(os.path.join(row["run"], run_folder.HISTORY_JSON)):
             continue  # stopped in its first epoch (a NaN loss): nothing to replay
         epoch, reason, trained, saved = replay(row)

@@ -40,24 +40,25 @@ def alone(score):
     return lambda rows: choosing.best_by(choosing.completed(rows), (score,))
 
 
-def safe(*evidence):
-    return lambda rows: choosing.choose(rows, evidence=evidence)[0]
+def unless_beaten(evidence):
+    """(name, rule): source-only unless a trial beats it on `evidence` (choosing.py)."""
+    default = " (default)" if tuple(evidence) == choosing.EVIDENCE else ""
+    return (f"source-only unless beaten on {choosing.in_words(evidence)}{default}",
+            lambda rows: choosing.choose(rows, evidence=evidence)[0])
 
 
+EVIDENCE_SETS = (("target_entropy",), ("snd",), ("snd", "target_entropy"), ("dev",),
+                 ("snd", "dev"), ("target_entropy", "dev"),
+                 ("snd", "target_entropy", "dev"))
 RULES = {
     **{score: alone(score) for score in SCORES},
     "rank sum of snd and target_entropy": lambda rows: choosing.best_by(
         choosing.completed(rows), ("snd", "target_entropy")),
-    "source-only unless beaten on target_entropy (default)": safe("target_entropy"),
-    "source-only unless beaten on snd": safe("snd"),
-    "source-only unless beaten on snd and target_entropy": safe("snd",
-                                                                "target_entropy"),
-    "source-only unless beaten on dev": safe("dev"),
-    "source-only unless beaten on snd and dev": safe("snd", "dev"),
-    "source-only unless beaten on target_entropy and dev": safe("target_entropy", "dev"),
-    "source-only unless beaten on snd, target_entropy and dev": safe(
-        "snd", "target_entropy", "dev"),
+    **dict(unless_beaten(evidence) for evidence in EVIDENCE_SETS),
 }
+DEFAULT = next(name for name in RULES if name.endswith("(default)"))
+# The rule chosen on seed 0, shown beside the default in each study's row.
+FIRST_CHOICE = "source-only unless beaten on target_entropy"
 
 
 def run_study(shift, seed):
@@ -160,8 +161,7 @@ def default_recipe_lines(record):
         judged = record["judged"][key]
         accuracy = {"dann": next(row["target_test_accuracy"] for row in study["trials"]
                                  if row["trial"] == 1), **study["default_recipes"]}
-        chosen = next(rule for name, rule in judged["rules"].items()
-                      if name.endswith("(default)"))
+        chosen = judged["rules"][DEFAULT]
         accuracy["choice"] = chosen["accuracy"]
         for mode in gains:
             gains[mode].append(accuracy[mode] - judged["source_only"])
@@ -174,8 +174,8 @@ def default_recipe_lines(record):
     return lines
 
 
-def markdown(record):
-    """shifts.md: the rules over all studies and per seed, then each study's picks."""
+def rule_tables(record):
+    """Markdown: every rule over all studies, then the choosing rules per seed."""
     studies, table = record["judged"], record["summary"]
     head = ("| rule | mean vs source-only | worst vs source-only | mean regret | "
             "keeps source-only |", "| --- | --- | --- | --- | --- |")
@@ -185,20 +185,32 @@ def markdown(record):
              "first 10 draws are random); target test accuracy read after each study "
              "ended. Differences in points of accuracy.", "", *head,
              *summary_lines(table, len(studies))]
-    default = next(name for name in RULES if name.endswith("(default)"))
+    shown = ["snd", *(name for name in RULES if name.startswith("source-only unless"))]
     for seed, by_seed in record["summary_by_seed"].items():
         count = sum(study.endswith(f"seed_{seed}") for study in studies)
         lines += ["", f"Seed {seed} only ({count} studies):", "", *head,
-                  *summary_lines({name: by_seed[name] for name in ("snd", default)},
-                                 count)]
-    lines += ["", "| study | source-only | best trial | snd picks | default rule "
-              "picks |", "| --- | --- | --- | --- | --- |"]
-    for key, study in studies.items():
-        snd, rule = study["rules"]["snd"], study["rules"][default]
+                  *summary_lines({name: by_seed[name] for name in shown}, count)]
+    return lines
+
+
+def study_lines(record):
+    """Markdown: each study's source-only, best trial, and the picks of three rules."""
+    columns = {"snd": "snd picks", FIRST_CHOICE: "beaten on target_entropy picks",
+               DEFAULT: "default rule picks"}
+    lines = ["", "| study | source-only | best trial | " + " | ".join(columns.values())
+             + " |", "| --- | --- | --- |" + " --- |" * len(columns)]
+    for key, study in record["judged"].items():
+        picks = [study["rules"][name] for name in columns]
         lines.append(f"| {key} | {study['source_only']:.4f} | {study['oracle']:.4f} | "
-                     f"trial {snd['trial']} ({snd['mode']}) {snd['accuracy']:.4f} | "
-                     f"trial {rule['trial']} ({rule['mode']}) {rule['accuracy']:.4f} |")
-    lines += default_recipe_lines(record)
+                     + " | ".join(f"trial {pick['trial']} ({pick['mode']}) "
+                                  f"{pick['accuracy']:.4f}" for pick in picks) + " |")
+    return lines
+
+
+def markdown(record):
+    """shifts.md: the rules over all studies and per seed, each study's picks, the
+    methods' default recipes where run, the machines."""
+    lines = [*rule_tables(record), *study_lines(record), *default_recipe_lines(record)]
     machines = {}
     for study in record["studies"].values():
         machine = f"{study['machine']['cpu']}, {study['machine']['cores']} cores"

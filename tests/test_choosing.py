@@ -1,12 +1,19 @@
 """The rule that chooses a study's trial without target labels (choosing.py), on
 constructed score tables, and the leaderboard lines that report it."""
 
+import json
 import os
+import sys
 
 import pytest
 
 import choosing
 import tuning
+from conftest import REPO
+
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+import pruning  # noqa: E402
+import shifts  # noqa: E402
 
 
 def trial(number, mode, snd, entropy, source_accuracy, share=0.12, dev=-0.2,
@@ -32,7 +39,8 @@ def test_a_higher_snd_alone_does_not_beat_source_only():
     assert choosing.best_by(REAL_SHIFT, ("snd",))["trial"] == 3  # what snd alone did
     chosen, reason = choosing.choose(REAL_SHIFT)
     assert chosen["trial"] == 0
-    assert reason == "kept source-only (trial 0): no dann trial beat it on target_entropy"
+    assert reason == ("kept source-only (trial 0): no dann trial beat it on "
+                      "target_entropy and dev")
 
 
 def test_trial_3_falls_short_on_target_entropy_even_with_source_only_s_accuracy():
@@ -40,16 +48,43 @@ def test_trial_3_falls_short_on_target_entropy_even_with_source_only_s_accuracy(
     chosen, _ = choosing.choose([REAL_SHIFT[0], lucky])
     assert chosen["trial"] == 0
     assert choosing.falls_short(lucky, REAL_SHIFT[0], choosing.EVIDENCE, 0.02, 0.1) == \
-        "not above source-only on target_entropy"
+        "not above source-only on target_entropy and dev"
+
+
+# The held-out seed of benchmarks/shifts.md's mnist_to_synth (seed 1): trial 1 was more
+# confident than source-only on the val target, within both margins, and 5.7 points
+# below it on the target test split; its dev, lower than source-only's, rules it out.
+MORE_CONFIDENT_AND_WRONG = [
+    trial(0, "source_only", 5.1261, -1.7485, 0.975, share=0.355, dev=-0.0096),
+    trial(1, "dann", 4.7118, -1.1822, 0.971, share=0.312, dev=-0.0982),
+    trial(6, "dann", 5.0037, -1.5165, 0.966, share=0.306, dev=-0.0705)]
+
+
+def test_a_more_confident_trial_with_a_lower_dev_does_not_beat_source_only():
+    assert choosing.choose(MORE_CONFIDENT_AND_WRONG, evidence=("target_entropy",))[0][
+        "trial"] == 1  # what the rule chosen on the first seed did
+    chosen, reason = choosing.choose(MORE_CONFIDENT_AND_WRONG)
+    assert chosen["trial"] == 0
+    assert choosing.falls_short(MORE_CONFIDENT_AND_WRONG[1], chosen, choosing.EVIDENCE,
+                                0.02, 0.1) == "not above source-only on dev"
+
+
+def test_a_score_that_is_missing_or_not_a_number_never_beats_source_only():
+    source_only, dann = trial(0, "source_only", 4.0, -0.5, 0.99), trial(
+        1, "dann", 4.5, -0.2, 0.99, dev=-0.1)
+    assert choosing.choose([source_only, dann])[0]["trial"] == 1
+    for missing in (None, float("nan")):
+        chosen, reason = choosing.choose([source_only, dict(dann, val_dev=missing)])
+        assert chosen["trial"] == 0 and reason.endswith("on target_entropy and dev")
 
 
 def test_a_dann_trial_above_source_only_on_the_evidence_is_chosen():
-    rows = REAL_SHIFT + [trial(10, "dann", 4.75, -0.20, 0.980)]
+    rows = REAL_SHIFT + [trial(10, "dann", 4.75, -0.20, 0.980, dev=-0.1)]
     chosen, reason = choosing.choose(rows)
     assert chosen["trial"] == 10
     assert reason == ("chose trial 10 (dann): above source-only (trial 0) on "
-                      "target_entropy, val source accuracy 0.9800 against 0.9860; the "
-                      "only adapted trial that qualified")
+                      "target_entropy and dev, val source accuracy 0.9800 against "
+                      "0.9860; the only adapted trial that qualified")
 
 
 @pytest.mark.parametrize("source_accuracy, share, fragment", [
@@ -59,11 +94,11 @@ def test_a_dann_trial_above_source_only_on_the_evidence_is_chosen():
 def test_margins_on_source_accuracy_and_class_share_rule_a_trial_out(
         source_accuracy, share, fragment):
     source_only = trial(0, "source_only", 4.0, -0.5, 0.986)
-    dann = trial(1, "dann", 4.5, -0.2, source_accuracy, share=share)
+    dann = trial(1, "dann", 4.5, -0.2, source_accuracy, share=share, dev=-0.1)
     chosen, reason = choosing.choose([source_only, dann])
     assert chosen["trial"] == 0
     assert reason.startswith("kept source-only (trial 0): no dann trial beat it on "
-                             "target_entropy within the margins (trial 1: ")
+                             "target_entropy and dev within the margins (trial 1: ")
     assert fragment in choosing.falls_short(dann, source_only, choosing.EVIDENCE,
                                             choosing.ACCURACY_MARGIN,
                                             choosing.SHARE_MARGIN)
@@ -72,13 +107,14 @@ def test_margins_on_source_accuracy_and_class_share_rule_a_trial_out(
 
 
 def test_of_the_qualified_trials_the_best_rank_sum_wins():
-    rows = [trial(0, "source_only", 4.0, -0.5, 0.99),
-            trial(1, "dann", 4.9, -0.45, 0.99),   # ranks 0 + 2
-            trial(2, "dann", 4.6, -0.30, 0.99),   # ranks 1 + 0
-            trial(3, "dann", 4.5, -0.40, 0.99)]   # ranks 2 + 1
+    rows = [trial(0, "source_only", 4.0, -0.5, 0.99, dev=-0.3),
+            trial(1, "dann", 4.9, -0.45, 0.99, dev=-0.1),   # ranks 0 + 2, dev 0
+            trial(2, "dann", 4.6, -0.30, 0.99, dev=-0.2),   # ranks 1 + 0, dev 1
+            trial(3, "dann", 4.5, -0.40, 0.99, dev=-0.25)]  # ranks 2 + 1, dev 2
     assert choosing.choose(rows, evidence=("snd", "target_entropy"))[0]["trial"] == 2
     assert choosing.best_by(rows, ("snd", "target_entropy"))["trial"] == 2
-    assert choosing.choose(rows)[0]["trial"] == 2  # the best by target_entropy
+    assert choosing.best_by(rows, ("dev",))["trial"] == 1
+    assert choosing.choose(rows)[0]["trial"] == 2  # target_entropy 0 + dev 1
 
 
 def test_without_a_scored_source_only_trial_the_reason_says_so():
@@ -91,7 +127,7 @@ def test_without_a_scored_source_only_trial_the_reason_says_so():
 
 def test_a_study_recorded_before_the_class_share_is_still_chosen_from():
     rows = [dict(trial(0, "source_only", 4.0, -0.5, 0.99), val_target_top_share=None),
-            dict(trial(1, "dann", 4.5, -0.2, 0.98), val_target_top_share=None)]
+            dict(trial(1, "dann", 4.5, -0.2, 0.98, dev=-0.1), val_target_top_share=None)]
     assert choosing.choose(rows)[0]["trial"] == 1
 
 
@@ -117,11 +153,11 @@ def test_when_every_trial_was_ruled_out_the_last_line_says_what_to_try():
 
 def test_a_study_of_several_methods_says_which_and_may_choose_any():
     rows = [trial(0, "source_only", 4.0, -0.5, 0.99), trial(1, "dann", 4.5, -0.6, 0.99),
-            dict(trial(2, "mcc", 4.4, -0.7, 0.99)), dict(trial(3, "cdan", 4.2, -0.8, 0.99))]
+            trial(2, "mcc", 4.4, -0.7, 0.99, dev=-0.1), trial(3, "cdan", 4.2, -0.8, 0.99)]
     chosen, reason = choosing.choose(rows)
     assert chosen["trial"] == 0
     assert reason == ("kept source-only (trial 0): no cdan, dann or mcc trial beat it "
-                      "on target_entropy")
+                      "on target_entropy and dev")
     rows[2]["val_target_entropy"] = -0.3
     chosen, reason = choosing.choose(rows)
     assert chosen["trial"] == 2 and reason.startswith("chose trial 2 (mcc): above")
@@ -149,7 +185,9 @@ def test_tune_help_states_the_rule_with_its_margins():
     usage = text.split('"""')[1]
     assert f"{choosing.ACCURACY_MARGIN * 100:.0f} points below" in usage
     assert f"{choosing.SHARE_MARGIN * 100:.0f} points more" in usage
-    assert "target_entropy" in usage and "benchmarks/shifts.md" in usage
+    for score in choosing.EVIDENCE:
+        assert f"(a higher {score})" in usage
+    assert "benchmarks/shifts.md" in usage
 
 
 def test_a_stopped_trial_is_said_to_continue_with_the_same_command():
@@ -158,3 +196,56 @@ def test_a_stopped_trial_is_said_to_continue_with_the_same_command():
     lines = tuning.leaderboard(rows, "snd")
     assert ("trial 11 stopped before its end: the same command continues it from its "
             "latest checkpoint") in lines
+
+
+def test_the_benchmark_judges_each_rule_against_source_only_and_the_best_trial():
+    accuracy = {0: 0.2273, 1: 0.1703, 6: 0.2100}
+    trials = [dict(row, target_test_accuracy=accuracy[row["trial"]])
+              for row in MORE_CONFIDENT_AND_WRONG]
+    helped = [dict(trials[0], target_test_accuracy=0.50),
+              dict(trials[1], target_test_accuracy=0.70, val_dev=0.0)]
+    judged = {"a/seed_1": shifts.judge_study({"trials": trials}),
+              "b/seed_1": shifts.judge_study({"trials": helped})}
+    assert judged["a/seed_1"]["oracle"] == 0.2273
+    table = shifts.summary(judged)
+    first_choice = table[shifts.FIRST_CHOICE]
+    assert first_choice["worst_to_source_only"] == pytest.approx(-0.057)
+    assert first_choice["mean_to_source_only"] == pytest.approx((-0.057 + 0.2) / 2)
+    default = table[shifts.DEFAULT]
+    assert shifts.DEFAULT.endswith("target_entropy and dev (default)")
+    assert (default["worst_to_source_only"], default["kept_source_only"]) == (0.0, 1)
+    assert default["mean_regret"] == pytest.approx(0.0)
+    # snd keeps source-only in both studies, and so misses b's 20 points.
+    assert table["snd"]["mean_regret"] == pytest.approx((0.0 + 0.2) / 2)
+
+
+def test_the_pruning_replay_stops_a_trial_early_and_counts_a_folder_once(tmp_path):
+    def history(run, accuracies):
+        os.makedirs(run)
+        with open(os.path.join(run, "history.json"), "w") as handle:
+            json.dump([{"epoch": epoch, "epoch_seconds": 360.0, "val_source_accuracy": a,
+                        "monitor_top_class_share": 0.2}
+                       for epoch, a in enumerate(accuracies, 1)], handle)
+
+    rows = [trial(0, "source_only", 4.0, -0.5, 0.99),
+            trial(1, "dann", 4.5, -0.2, 0.2, state="pruned"),
+            trial(2, "dann", 4.5, -0.2, 0.9, state="fail"),
+            trial(3, "dann", 4.5, -0.2, 0.9)]
+    rows[3]["run"] = rows[2]["run"]  # trial 3 resumed trial 2's folder
+    for row in rows:
+        row["run"] = str(tmp_path / row["run"])
+    history(rows[0]["run"], [0.9] * 10)
+    history(rows[1]["run"], [0.1] * 10)
+    history(rows[2]["run"], [0.9] * 10)
+    fields = list(rows[0])
+    with open(tmp_path / tuning.TRIALS_CSV, "w") as handle:
+        handle.write(",".join(fields) + "\n")
+        for row in rows:
+            handle.write(",".join("" if row[key] is None else str(row[key])
+                                  for key in fields) + "\n")
+    record = pruning.study_record(str(tmp_path))
+    assert [t["trial"] for t in record["trials"]] == [0, 1, 3]
+    stopped = record["trials"][1]
+    assert stopped["stops_at_epoch"] == tuning.EARLY_FROM_EPOCH
+    assert stopped["saved_seconds"] == 360.0 * (10 - tuning.EARLY_FROM_EPOCH)
+    assert record["chosen_before"] == record["chosen_after"]
