@@ -333,12 +333,12 @@ def leaderboard(rows, objective, top=10):
     chosen, reason = choosing.choose(rows)
     ranked = sorted(choosing.completed(rows), key=lambda row: -row["score"])
     lines = [f"  {'trial':>5} {'mode':<11} {'lr':>7} {'gamma':>6} {'epochs':>6} "
-             f"{'snd':>7} {'target_entropy':>14} {'val source acc':>14}"]
+             f"{'snd':>7} {'target_entropy':>14} {'dev':>8} {'val source acc':>14}"]
     for row in ranked[:top]:
         mark = "*" if row is chosen else " "
         lines.append(f"{mark} {row['trial']:>5} {row['mode']:<11} {row['lr']:>7.4f} "
                      f"{row['gamma']:>6.2f} {row['num_epochs']:>6} {row['val_snd']:>7.4f} "
-                     f"{row['val_target_entropy']:>14.4f} "
+                     f"{row['val_target_entropy']:>14.4f} {row['val_dev']:>8.4f} "
                      f"{row['val_source_accuracy']:>14.4f}")
     lines += [f"trial {row['trial']} ruled out: {row['ruled_out']}" for row in rows
               if row["ruled_out"]]

@@ -137,6 +137,8 @@ def test_the_leaderboard_says_what_was_kept_and_never_beats_from_one_score():
     assert not any("beats" in line for line in lines)
     marked = [line for line in lines if line.startswith("*")]
     assert len(marked) == 1 and marked[0].split()[1:3] == ["0", "source_only"]
+    assert lines[0].split()[-6:-3] == ["snd", "target_entropy", "dev"]
+    assert marked[0].split()[-4:-1] == ["4.7044", "-0.2625", "-0.1596"]  # its scores
     # Sorted by the objective: trial 3 first, unmarked.
     assert lines[1].split()[:2] == ["3", "dann"]
 
