@@ -179,7 +179,7 @@ def tuning_figure(rows, params, objective, path, chosen=None):
     _draw_trials(axes, rows, scored, params)
     if chosen is not None:
         axes[0].scatter([chosen["trial"]], [chosen["score"]], s=160, facecolors="none",
-                        edgecolors="black", label="chosen")
+                        edgecolors="black", label="chosen by the rule (choice.txt)")
     _label_trial_axes(axes, rows, scored, params, objective)
     handles, labels = axes[0].get_legend_handles_labels()
     unique = dict(zip(labels, handles))
