@@ -15,7 +15,7 @@ its source accuracy is at most 2 points below source-only's, and its target imag
 are no more piled onto one class (at most 10 points more given the most given class).
 Of the trials that qualify, the best by both scores (their rank sum) is chosen. On
 six digit shifts, two seeds each, it never chose below source-only, where choosing by
-snd alone lost up to 8.6 points (benchmarks/shifts.md). A trial whose source task
+snd alone lost up to 10.9 points (benchmarks/shifts.md). A trial whose source task
 was not learned or whose target predictions collapsed is ruled out, after any epoch
 that shows it.
 

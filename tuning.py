@@ -328,13 +328,15 @@ def run(settings, study_dir, trials=16, sampler="tpe", objective="snd", storage=
 
 
 def leaderboard(rows, objective, top=10):
-    """The lines tune.py prints: the trials best first by the objective (`*` marks
-    the chosen one), the ruled-out ones, and the choice in the rule's words."""
+    """The lines tune.py prints: the `top` trials best first by the objective, and the
+    chosen one (marked `*`) wherever it ranks, the ruled-out ones, and the choice in
+    the rule's words."""
     chosen, reason = choosing.choose(rows)
     ranked = sorted(choosing.completed(rows), key=lambda row: -row["score"])
     lines = [f"  {'trial':>5} {'mode':<11} {'lr':>7} {'gamma':>6} {'epochs':>6} "
              f"{'snd':>7} {'target_entropy':>14} {'dev':>8} {'val source acc':>14}"]
-    for row in ranked[:top]:
+    shown = ranked[:top] + [row for row in ranked[top:] if row is chosen]
+    for row in shown:
         mark = "*" if row is chosen else " "
         lines.append(f"{mark} {row['trial']:>5} {row['mode']:<11} {row['lr']:>7.4f} "
                      f"{row['gamma']:>6.2f} {row['num_epochs']:>6} {row['val_snd']:>7.4f} "

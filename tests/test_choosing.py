@@ -143,6 +143,12 @@ def test_the_leaderboard_says_what_was_kept_and_never_beats_from_one_score():
     assert lines[1].split()[:2] == ["3", "dann"]
 
 
+def test_the_chosen_trial_is_listed_even_below_the_top_by_the_objective():
+    lines = tuning.leaderboard(REAL_SHIFT, "snd", top=1)
+    assert [line.split()[0] for line in lines[1:3]] == ["3", "*"]
+    assert lines[2].split()[1:3] == ["0", "source_only"] and len(lines) == 4
+
+
 def test_when_every_trial_was_ruled_out_the_last_line_says_what_to_try():
     rows = [trial(0, "source_only", 4.0, -0.5, 0.99, state="pruned"),
             trial(1, "dann", 4.5, -0.2, 0.98, state="pruned")]
