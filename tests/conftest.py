@@ -3,6 +3,7 @@ run or started as a user would, saved weights, and the checks of a one-line erro
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 
@@ -88,6 +89,15 @@ def write_split(root, per_class, num_classes=3, seed=0):
                 make_image(label, domain, rng).save(
                     os.path.join(folder, f"{index:05d}.png"))
     return str(root)
+
+
+def with_unlabelled_val(tiny_data, root, layout):
+    """A copy of `tiny_data` at `root` with val/: a copy of test/ whose target has no
+    labels (`unlabel_target`'s `layout`). Returns root."""
+    shutil.copytree(tiny_data, root)
+    shutil.copytree(os.path.join(root, "test"), os.path.join(root, "val"))
+    unlabel_target(os.path.join(root, "val"), layout)
+    return root
 
 
 def unlabel_target(root, layout):

@@ -14,7 +14,7 @@ import tempfile
 
 import pytest
 
-from conftest import start_script, unlabel_target
+from conftest import start_script, with_unlabelled_val
 
 pytestmark = pytest.mark.slow  # processes: the fast tier leaves them to CI
 
@@ -64,11 +64,8 @@ def postgres_url():
 @pytest.fixture(scope="module")
 def shared_data(tiny_data, tmp_path_factory):
     """tiny_data with val/, a copy of test/ whose target has no labels."""
-    root = str(tmp_path_factory.mktemp("shared") / "data")
-    shutil.copytree(tiny_data, root)
-    shutil.copytree(os.path.join(root, "test"), os.path.join(root, "val"))
-    unlabel_target(os.path.join(root, "val"), "flat")
-    return root
+    return with_unlabelled_val(tiny_data,
+                               str(tmp_path_factory.mktemp("shared") / "data"), "flat")
 
 
 def read_rows(study_dir):

@@ -16,7 +16,7 @@ import pytest
 import choosing
 
 from conftest import (assert_one_line_error, run_script, snapshot, start_script,
-                      unlabel_target)
+                      with_unlabelled_val)
 
 pytestmark = pytest.mark.slow  # processes: the fast tier leaves them to CI
 
@@ -34,11 +34,8 @@ def read_trials(study_dir):
 @pytest.fixture(scope="module")
 def tune_data(tiny_data, tmp_path_factory):
     """tiny_data with val/, a copy of test/ whose target has no labels."""
-    root = str(tmp_path_factory.mktemp("tune") / "data")
-    shutil.copytree(tiny_data, root)
-    shutil.copytree(os.path.join(root, "test"), os.path.join(root, "val"))
-    unlabel_target(os.path.join(root, "val"), "nested")
-    return root
+    return with_unlabelled_val(tiny_data, str(tmp_path_factory.mktemp("tune") / "data"),
+                               "nested")
 
 
 @pytest.fixture(scope="module")
