@@ -41,10 +41,10 @@ def alone(score):
 
 
 def unless_beaten(evidence):
-    """(name, rule): source-only unless a trial beats it on `evidence` (choosing.py)."""
-    default = " (default)" if tuple(evidence) == choosing.EVIDENCE else ""
-    return (f"source-only unless beaten on {choosing.in_words(evidence)}{default}",
-            lambda rows: choosing.choose(rows, evidence=evidence)[0])
+    """The name of the rule: source-only unless a trial beats it on `evidence`
+    (choosing.choose), marked where it is tune.py's default."""
+    default = " (default)" if evidence == choosing.EVIDENCE else ""
+    return f"source-only unless beaten on {choosing.in_words(evidence)}{default}"
 
 
 EVIDENCE_SETS = (("target_entropy",), ("snd",), ("snd", "target_entropy"), ("dev",),
@@ -54,11 +54,12 @@ RULES = {
     **{score: alone(score) for score in SCORES},
     "rank sum of snd and target_entropy": lambda rows: choosing.best_by(
         choosing.completed(rows), ("snd", "target_entropy")),
-    **dict(unless_beaten(evidence) for evidence in EVIDENCE_SETS),
+    **{unless_beaten(evidence): lambda rows, evidence=evidence: choosing.choose(
+        rows, evidence=evidence)[0] for evidence in EVIDENCE_SETS},
 }
-DEFAULT = next(name for name in RULES if name.endswith("(default)"))
+DEFAULT = unless_beaten(choosing.EVIDENCE)
 # The rule chosen on seed 0, shown beside the default in each study's row.
-FIRST_CHOICE = "source-only unless beaten on target_entropy"
+FIRST_CHOICE = unless_beaten(("target_entropy",))
 
 
 def run_study(shift, seed):
@@ -185,7 +186,7 @@ def rule_tables(record):
              "first 10 draws are random); target test accuracy read after each study "
              "ended. Differences in points of accuracy.", "", *head,
              *summary_lines(table, len(studies))]
-    shown = ["snd", *(name for name in RULES if name.startswith("source-only unless"))]
+    shown = ["snd", *map(unless_beaten, EVIDENCE_SETS)]
     for seed, by_seed in record["summary_by_seed"].items():
         count = sum(study.endswith(f"seed_{seed}") for study in studies)
         lines += ["", f"Seed {seed} only ({count} studies):", "", *head,

@@ -1,6 +1,7 @@
 """The rule that chooses a study's trial without target labels (choosing.py), on
 constructed score tables, and the leaderboard lines that report it."""
 
+import csv
 import json
 import os
 import sys
@@ -245,12 +246,10 @@ def test_the_pruning_replay_stops_a_trial_early_and_counts_a_folder_once(tmp_pat
     history(rows[0]["run"], [0.9] * 10)
     history(rows[1]["run"], [0.1] * 10)
     history(rows[2]["run"], [0.9] * 10)
-    fields = list(rows[0])
-    with open(tmp_path / tuning.TRIALS_CSV, "w") as handle:
-        handle.write(",".join(fields) + "\n")
-        for row in rows:
-            handle.write(",".join("" if row[key] is None else str(row[key])
-                                  for key in fields) + "\n")
+    with open(tmp_path / tuning.TRIALS_CSV, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
     record = pruning.study_record(str(tmp_path))
     assert [t["trial"] for t in record["trials"]] == [0, 1, 3]
     stopped = record["trials"][1]

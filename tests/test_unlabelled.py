@@ -11,18 +11,16 @@ import pytest
 
 import monitor
 from conftest import (assert_one_line_error, run_script, saved_weights, snapshot,
-                      unlabel_target)
+                      unlabel_target, with_unlabelled_val)
 
 
 @pytest.fixture(scope="module")
 def unlabelled_data(tiny_data, tmp_path_factory):
     """tiny_data with a flat unlabelled train/target, a nested unlabelled val/target
     (a copy of test/) and test/ as it is."""
-    root = str(tmp_path_factory.mktemp("unlabelled") / "data")
-    shutil.copytree(tiny_data, root)
+    root = with_unlabelled_val(tiny_data, str(tmp_path_factory.mktemp("unlabelled") /
+                                              "data"), "nested")
     unlabel_target(os.path.join(root, "train"), "flat")
-    shutil.copytree(os.path.join(root, "test"), os.path.join(root, "val"))
-    unlabel_target(os.path.join(root, "val"), "nested")
     return root
 
 
